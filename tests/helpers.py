@@ -1,0 +1,29 @@
+"""Shared strategies and helpers for the tests."""
+import torch
+from hypothesis import strategies as st
+
+from nanococa.model import GPT, GPTConfig
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-4)}
+
+
+@st.composite
+def attn_inputs(draw, max_len=300, max_elems=3_000_000):
+    """Random (B, H, T, D) q, t, v and a position offset; B*H*T*T*D bounded so naive strict stays cheap."""
+    D = 2 * draw(st.integers(1, 64))
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    T = draw(st.integers(1, max(1, min(max_len, int((max_elems / (B * H * D)) ** 0.5)))))
+    return dict(B=B, H=H, T=T, D=D, offset=draw(st.integers(0, 100_000)), seed=draw(st.integers(0, 2**31 - 1)),
+                scaling=draw(st.sampled_from([None, ("dynamic", 4.0)])))
+
+
+def randn(shape, seed, dtype, n=3, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype) for _ in range(n)]
+
+
+def tiny_gpt(attention="coca", attn_impl="fast", seed=0, dtype=torch.float32, **kw):
+    cfg = dict(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, attention=attention, attn_impl=attn_impl)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**cfg)).to(dtype).eval()
