@@ -127,15 +127,19 @@ def bench_attention(args, device, dtype, log):
     return rows
 
 
-def bench_train(args, device, dtype, log):
-    rows = []
+def preset_model(args):
+    """(GPTConfig keywords, batch size) of the preset's model; --quick shrinks it to CPU size."""
     cfg = make_config([f"--preset={args.preset}"])
     over = dict(vocab_size=50304 if cfg.tokenizer == "gpt2" else 320, block_size=cfg.block_size,
                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
-    batch = cfg.batch_size
     if args.quick:
         over.update(vocab_size=2048, n_layer=2, n_embd=128, n_head=4, block_size=256)
-        batch = 4
+    return over, 4 if args.quick else cfg.batch_size
+
+
+def bench_train(args, device, dtype, log):
+    rows = []
+    over, batch = preset_model(args)
     cuda = device.startswith("cuda")
     for compiled in ([False, True] if args.compile else [False]):
         for att in ("rope", "coca", "coca-slack"):
@@ -181,11 +185,7 @@ def copy_bandwidth(device, nbytes):
 
 
 def bench_generate(args, device, dtype, log):
-    cfg = make_config([f"--preset={args.preset}"])
-    over = dict(vocab_size=50304 if cfg.tokenizer == "gpt2" else 320, block_size=cfg.block_size,
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
-    if args.quick:
-        over.update(vocab_size=2048, n_layer=2, n_embd=128, n_head=4)
+    over, _ = preset_model(args)
     bw = copy_bandwidth(device, 2**30 if device.startswith("cuda") else 2**27)
     rows = []
     for att in ("rope", "coca", "coca-slack"):

@@ -1,8 +1,16 @@
 """Shared strategies and helpers for the tests."""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
 import torch
 from hypothesis import strategies as st
 
+from nanococa import checkpoint
 from nanococa.model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-4)}
 
@@ -27,3 +35,16 @@ def tiny_gpt(attention="coca", attn_impl="fast", seed=0, dtype=torch.float32, **
     cfg.update(kw)
     torch.manual_seed(seed)
     return GPT(GPTConfig(**cfg)).to(dtype).eval()
+
+
+def save_tiny_checkpoint(folder, **kw):
+    """A random-weight byte-level model saved as folder/ckpt.pt, as train.py would write it."""
+    model = tiny_gpt(vocab_size=257, **kw)
+    checkpoint.save({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": "bytes",
+                     "train_config": {"corpus": "shakespeare"}, "iter": 0}, os.path.join(folder, "ckpt.pt"))
+    return model
+
+
+def run_script(*argv, timeout=300):
+    """Run one of the repository's scripts (or `-m module`) in a fresh interpreter."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

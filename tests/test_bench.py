@@ -1,14 +1,11 @@
 """The benchmark runs in --quick mode and writes the documented JSON (no timing assertions)."""
 import json
-import subprocess
-import sys
 
-ROOT = __file__.rsplit("/tests/", 1)[0]
+from helpers import run_script
 
 
 def test_quick_bench_writes_its_json_schema(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "nanococa.bench", "--quick", "--device=cpu", f"--out={tmp_path / 'b.json'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_script("-m", "nanococa.bench", "--quick", "--device=cpu", f"--out={tmp_path / 'b.json'}", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.load(open(tmp_path / "b.json"))
     assert set(res) == {"meta", "attention", "train", "generate", "copy_bandwidth_bytes_per_s"}

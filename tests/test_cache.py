@@ -1,16 +1,12 @@
 """The key/value cache: any chunking of the prompt plus decoding equals one full forward."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from helpers import tiny_gpt
+from helpers import run_script, tiny_gpt
 from nanococa.model import ATTENTIONS, KVCache
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 @pytest.mark.parametrize("variant", ATTENTIONS)
@@ -55,7 +51,6 @@ def test_cache_needs_the_fast_path():
 
 PROBE_32K = """
 import json, resource, sys, time, torch
-sys.path.insert(0, ".")
 from nanococa.model import GPT, GPTConfig
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=2, n_head=4, n_embd=128, attention=sys.argv[1])).eval()
@@ -69,7 +64,8 @@ print(json.dumps(dict(shape=list(out.shape), seconds=dt, peak_rss=resource.getru
 
 @pytest.mark.parametrize("variant", ["coca"])
 def test_32k_prompt_prefills_and_generates_below_one_TxT_matrix(variant):
-    r = json.loads(subprocess.run([sys.executable, "-c", PROBE_32K, variant], cwd=ROOT, capture_output=True,
-                                  text=True, check=True, timeout=600).stdout)
+    out = run_script("-c", PROBE_32K, variant, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
     assert r["shape"] == [1, 32768 + 16]
     assert r["peak_rss"] < 32768 * 32768 * 4, f"peak resident memory {r['peak_rss'] / 2**30:.2f} GiB"

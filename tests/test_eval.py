@@ -1,20 +1,16 @@
 """eval_length: same targets at every length, a known perplexity, the passkey builder, the output files."""
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from helpers import tiny_gpt
-from nanococa import checkpoint, evaluate
+from helpers import run_script, save_tiny_checkpoint, tiny_gpt
+from nanococa import evaluate
 from nanococa.data import Split, prepare
 from nanococa.errors import UserError
 from nanococa.tokenizer import get_tokenizer
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +71,9 @@ def test_gpt2_passkey_is_exactly_the_length_asked():
 
 
 def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
-    model = tiny_gpt(vocab_size=257, block_size=64)
-    ckpt = tmp_path / "ckpt"
-    from dataclasses import asdict
-    checkpoint.save({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": "bytes",
-                     "train_config": {"corpus": "shakespeare"}, "iter": 0}, str(ckpt / "ckpt.pt"))
-    out = subprocess.run([sys.executable, "eval_length.py", "--ckpt", str(ckpt), "--lengths", "64,128,256",
-                          "--target=32", "--windows=2", "--passkey-trials=1", f"--out-dir={tmp_path / 'res'}",
-                          f"--data-dir={tmp_path / 'data'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    save_tiny_checkpoint(tmp_path / "ckpt", block_size=64)
+    out = run_script("eval_length.py", "--ckpt", tmp_path / "ckpt", "--lengths", "64,128,256", "--target=32",
+                     "--windows=2", "--passkey-trials=1", f"--out-dir={tmp_path / 'res'}", f"--data-dir={tmp_path / 'data'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| model | 64 | 128 | 256 |" in out.stdout
     res = json.load(open(tmp_path / "res" / "results.json"))
@@ -100,6 +90,6 @@ def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
     (["--lengths", "512,abc"], ["lengths"]),
 ])
 def test_eval_length_script_clear_errors(argv, words):
-    out = subprocess.run([sys.executable, "eval_length.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    out = run_script("eval_length.py", *argv)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert all(w in out.stderr for w in words), out.stderr

@@ -1,13 +1,11 @@
 """Whole-model properties: config checks, causality, naive == fast for the GPT, the naive budget, memory."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from helpers import tiny_gpt
+from helpers import run_script, tiny_gpt
 from nanococa.model import ATTENTIONS, GPTConfig, attention, parse_scaling, rotary_cos_sin
 
 
@@ -114,8 +112,8 @@ print(json.dumps(dict(before_kib=before, after_kib=after, loss=loss.item())))
 def test_fast_path_trains_at_4096_without_a_TxTxD_tensor(variant):
     """Forward and backward at T = 4096 (2 layers, D = 64) in a fresh process; its peak resident memory
     must stay below one T x T x D float32 tensor (4 GiB), which the literal strict path would need."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, variant], capture_output=True, text=True,
-                         check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+    out = run_script("-c", MEMORY_PROBE, variant)
+    assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     peak = r["after_kib"] * 1024
     assert torch.isfinite(torch.tensor(r["loss"]))

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
+from helpers import ROOT, run_script
 from nanococa import checkpoint
 from nanococa.config import make_config
 from nanococa.errors import UserError
 from nanococa.trainer import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
          "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=12", "--dropout=0.1", "--seed=5"]
 
@@ -90,5 +90,5 @@ def test_torchrun_two_processes_on_gloo_end_with_identical_weights(tmp_path, dat
 
 
 def test_train_script_reports_bad_options_without_a_trace():
-    out = subprocess.run([sys.executable, "train.py", "--max_itres=3"], cwd=ROOT, capture_output=True, text=True)
+    out = run_script("train.py", "--max_itres=3")
     assert out.returncode == 2 and "unknown option" in out.stderr and "Traceback" not in out.stderr
