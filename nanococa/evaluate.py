@@ -151,6 +151,7 @@ def write_outputs(rows, meta, out_dir, log=print):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
         return
@@ -170,7 +171,11 @@ def write_outputs(rows, meta, out_dir, log=print):
     if has_passkey:
         axes[0][1].set(xscale="log", ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy",
                        title="passkey retrieval")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for a in axes[0]:
+        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         a.set_xticks(sorted({r["length"] for r in rows}), [f"{n // 1024}K" if n >= 1024 else str(n)
                                                             for n in sorted({r["length"] for r in rows})])
     fig.tight_layout()
