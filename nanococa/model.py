@@ -79,13 +79,13 @@ def parse_scaling(scaling):
     return kind, float(factor)
 
 
-def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_len=512, seq_len=None,
-                   device=None, dtype=torch.float32):
+def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_len=512, device=None,
+                   dtype=torch.float32):
     """cos and sin of n * theta_j for positions n = start .. start+length-1, each (length, D/2).
-    seq_len is the sequence length that dynamic NTK sizes its base for (default start+length);
-    with a cache it is the final length, fixed for the whole generation."""
+    Dynamic NTK sizes its base for the sequence length seq_len = start + length (a cache asks for
+    all its positions at once, so that is the final length, fixed for the whole generation)."""
     scaling = parse_scaling(scaling)
-    seq_len = start + length if seq_len is None else seq_len
+    seq_len = start + length
     positions = torch.arange(start, start + length, device=device, dtype=torch.float64)
     if scaling and scaling[0] == "dynamic" and seq_len > train_len and head_dim > 2:
         factor = scaling[1]  # base' = base * (factor * L / L_train - (factor - 1)) ** (D / (D - 2))
@@ -202,13 +202,17 @@ def attention(variant, impl, q, t, v, rq, rk, dropout_p=0.0):
 class KVCache:
     """Per-layer keys in SDPA form (strict: K', slack: K'', rope: rotated K) and values, preallocated
     to max_len. Those keys depend on their own token and position only, so they stay valid as the
-    sequence grows; dynamic NTK sizes its base for max_len once, so cached keys never go stale."""
+    sequence grows. The rotary tables are computed once for all max_len positions: dynamic NTK sizes its
+    base for max_len, the final length, so cached keys never go stale."""
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, rope_scaling=None):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len, self.pos, self.rope_scaling = max_len, 0, parse_scaling(rope_scaling)
+        self.rot = rotary_cos_sin(0, max_len, head_dim, config.rope_base, rope_scaling, config.block_size,
+                                  device=device, dtype=dtype)  # (max_len, D/2) each
+        self.max_len, self.pos = max_len, 0
 
     def update(self, layer, k, v):
         """Write k, v (B, H, T, D) at the current position; return all keys and values so far."""
@@ -309,15 +313,14 @@ class GPT(nn.Module):
         (position and rope scaling come from the cache); else positions start at pos_offset."""
         B, T = idx.size()
         cfg = self.config
+        x = self.transformer.drop(self.transformer.wte(idx))
         if cache is not None:
             if cache.pos + T > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; {cache.pos} used, {T} more asked")
-            pos_offset, rope_scaling, seq_len = cache.pos, cache.rope_scaling, cache.max_len
+            rot = tuple(r[cache.pos:cache.pos + T] for r in cache.rot)
         else:
-            seq_len = pos_offset + T
-        x = self.transformer.drop(self.transformer.wte(idx))
-        rot = rotary_cos_sin(pos_offset, T, cfg.n_embd // cfg.n_head, cfg.rope_base, rope_scaling,
-                             cfg.block_size, seq_len, device=idx.device, dtype=x.dtype)
+            rot = rotary_cos_sin(pos_offset, T, cfg.n_embd // cfg.n_head, cfg.rope_base, rope_scaling,
+                                 cfg.block_size, device=idx.device, dtype=x.dtype)
         for block in self.transformer.h:
             x = block(x, rot, cache)
         if cache is not None:
