@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("variant", ATTENTIONS)
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)])
 def test_cuda_fast_path_matches_the_float64_naive_path(variant, dtype, tol):
     shape = (2, 4, 1000, 64)
     q, t, v = randn(shape, 0, torch.float64)
