@@ -17,7 +17,7 @@ from nanococa.checkpoint import load_model
 from nanococa.data import Split, prepare
 from nanococa.errors import UserError, run_script
 from nanococa.model import parse_scaling
-from nanococa.trainer import resolve_device
+from nanococa.trainer import resolve_device, resolve_dtype
 
 
 def int_list(text):
@@ -60,7 +60,7 @@ def main(argv):
     if args.protocol == "same-targets" and args.target > min(args.lengths):
         raise UserError(f"--target={args.target} is longer than the shortest length {min(args.lengths)}")
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, resolve_dtype(args.dtype, device))
     max_len = max(args.lengths)
     models = [(path, *load_model(path, device, dtype)) for path in args.ckpt]  # fail early on a bad path
     rows, meta = [], dict(protocol=args.protocol, lengths=args.lengths, target=args.target, device=device,
@@ -76,7 +76,7 @@ def main(argv):
                   f"= {len(windows) * args.target:,} scored at every length: {used}", file=sys.stderr)
             meta.setdefault("windows", {})[path] = [[split.names[d], e] for d, e in windows]
         else:
-            docs = [d for d in sorted(range(len(split.names)), key=lambda i: -split.doc_tokens[i])][:args.docs]
+            docs = sorted(range(len(split.names)), key=lambda i: -split.doc_tokens[i])[:args.docs]
             short = [split.names[d] for d in docs if split.doc_tokens[d] - 1 < max_len + 1]
             if short:
                 raise UserError(f"sliding: documents {short} are shorter than {max_len + 1:,} tokens; use shorter --lengths")

@@ -18,7 +18,7 @@ import torch
 from nanococa.checkpoint import load_model
 from nanococa.errors import UserError, run_script
 from nanococa.model import parse_scaling
-from nanococa.trainer import resolve_device
+from nanococa.trainer import resolve_device, resolve_dtype
 
 
 def parse_args(argv):
@@ -81,7 +81,7 @@ def main(argv):
     args = parse_args(argv)
     scaling = check(args)
     device = resolve_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = resolve_dtype(args.dtype, device)
     model, tok, ckpt = load_model(args.ckpt, device, getattr(torch, dtype))
     if args.prompt_file is not None:
         try:

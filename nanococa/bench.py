@@ -24,8 +24,8 @@ import time
 import torch
 
 from .config import make_config
-from .model import GPT, GPTConfig, KVCache, attention, naive_attend, rotary_cos_sin, rotate, tau_of
-from .trainer import resolve_device
+from .model import GPT, GPTConfig, attention, naive_attend, rotary_cos_sin, rotate, tau_of
+from .trainer import resolve_device, resolve_dtype
 
 
 def official_slack(q, t, v, rq, rk):
@@ -192,27 +192,24 @@ def bench_generate(args, device, dtype, log):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**over, attention=att)).to(device=device, dtype=dtype).eval()
         prompt = torch.randint(0, over["vocab_size"], (1, args.prompt), device=device)
-        total = args.prompt + args.new_tokens
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            cache = KVCache(model.config, 1, total, device, dtype, "dynamic:4")
-            t0 = time.perf_counter()
-            for s in range(0, args.prompt, 1024):
-                h = model.hidden(prompt[:, s:s + 1024], cache=cache)
-            nxt = model.lm_head(h[:, -1]).argmax(-1, keepdim=True)
+        times = []  # when each new token is known: the first one ends the prefill
+
+        def on_token(nxt):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            for _ in range(args.new_tokens):
-                nxt = model.lm_head(model.hidden(nxt, cache=cache)[:, -1]).argmax(-1, keepdim=True)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t2 = time.perf_counter()
+            times.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        model.generate(prompt, args.new_tokens, temperature=0, rope_scaling="dynamic:4", on_token=on_token)
+        t1, t2 = times[0], times[-1]
+        head_dim = over["n_embd"] // over["n_head"]
         per_token = sum(p.numel() * p.element_size() for p in model.parameters())
-        per_token += 2 * cache.k[:, :, :, :args.prompt].numel() * cache.k.element_size()  # keys and values read
-        rate = args.new_tokens / (t2 - t1)
+        cached = 2 * over["n_layer"] * over["n_head"] * args.prompt * head_dim  # keys and values read per token
+        per_token += cached * model.lm_head.weight.element_size()
+        rate = (args.new_tokens - 1) / (t2 - t1)
         row = dict(attention=att, prompt=args.prompt, new_tokens=args.new_tokens, prefill_s=t1 - t0,
                    decode_tokens_per_s=rate, bytes_per_token=per_token, bound_tokens_per_s=bw / per_token,
                    fraction_of_bound=rate / (bw / per_token),
@@ -220,7 +217,7 @@ def bench_generate(args, device, dtype, log):
         rows.append(row)
         log(f"  generate {att:<10} prefill {args.prompt:,} in {row['prefill_s']:.2f} s, decode {rate:.1f} tok/s "
             f"({100 * row['fraction_of_bound']:.1f}% of the bandwidth bound)")
-        del model, cache
+        del model
     for row in rows:
         ref = rows[0]
         row["prefill_ratio"] = row["prefill_s"] / ref["prefill_s"]
@@ -273,9 +270,11 @@ def main(argv=None):
     p.add_argument("--peak-flops", type=float, default=989e12, help="for MFU (default: H100/H200 dense bf16)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (decode speed is timed between the first and the last)")
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, resolve_dtype("auto", device))
     if args.quick:
         args.lengths = args.lengths or "128,256,512"
         args.heads, args.prompt, args.new_tokens = 2, min(args.prompt, 1024), min(args.new_tokens, 8)

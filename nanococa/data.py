@@ -179,8 +179,7 @@ def prepare(corpus, tokenizer, cache_dir="data_cache", log=print):
         with open(tmp, "wb") as f:  # a few documents at a time: memory stays bounded on big corpora
             for start in range(0, len(docs[split]), 16):
                 texts = [text for _, text in docs[split][start:start + 16]]
-                for ids in (tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch")
-                            else map(tokenizer.encode, texts)):
+                for ids in tokenizer.encode_batch(texts):
                     np.array(ids + [tokenizer.eot], dtype=np.uint16).tofile(f)
                     lengths.append(len(ids) + 1)  # + the end-of-text token
         os.replace(tmp, os.path.join(out, f"{split}.bin"))

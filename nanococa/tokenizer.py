@@ -25,6 +25,9 @@ class ByteTokenizer:
     def encode(self, text):
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 

@@ -37,6 +37,13 @@ def resolve_device(name, local_rank=0):
     return f"cuda:{local_rank}" if name == "cuda" else name
 
 
+def resolve_dtype(name, device):
+    """"auto" is bf16 on CUDA and float32 elsewhere; any other name is taken as given."""
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
+
+
 def peak_flops(device):
     if not device.startswith("cuda"):
         return None
@@ -85,7 +92,7 @@ def train(cfg, log=print):
         raise UserError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
     accum = cfg.grad_accum // world
     device_type = device.split(":")[0]
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    dtype = resolve_dtype(cfg.dtype, device)
     ptdtype = getattr(torch, dtype)
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     if device_type == "cuda":
