@@ -1,8 +1,9 @@
-"""Train a CoCA (or RoPE) GPT. Defaults: the shakespeare-cpu preset, a few minutes on a laptop CPU.
+"""Train a CoCA (or RoPE, ALiBi) GPT. Defaults: the shakespeare-cpu preset, a few minutes on a laptop CPU.
 
     python train.py                                   # shakespeare-cpu, writes out/ckpt.pt
-    python train.py --preset=pycode-gpu --attention=rope
+    python train.py --preset=pycode-cpu --attention=rope --out_dir=out-pycode-cpu-rope
     python train.py --resume                          # continue out/ckpt.pt where it stopped
+    python train.py --init_from=out-rope --attention=coca --out_dir=out-dropin   # CoCA from RoPE weights
     torchrun --nproc_per_node=2 train.py --preset=pycode-gpu
 
 Options: every field of nanococa.config.TrainConfig as --key=value (see README).

@@ -1,49 +1,50 @@
 """python -m nanococa.bench: speed and memory of every attention path, training and 32K generation.
 
     python -m nanococa.bench                 # full run (meant for a GPU: N = 512 .. 32768, bf16)
-    python -m nanococa.bench --quick         # a 2-core CPU in under 2 minutes
+    python -m nanococa.bench --quick         # a 2-core CPU in about a minute
 
 Everything is measured side by side in one run and reported as ratios to rope-fast (attention) or to
 RoPE (training, generation), so the numbers compare like with like on the machine at hand.
-  attention  forward and forward+backward of rope/coca/slack fast (SDPA), the naive paths where they
-             fit their budget, and the anchor: the official code's computation (Slack with an explicit
-             N x N einsum score matrix, masked softmax); out of memory is reported, not hidden.
-  train      one optimizer step of a preset's model: tokens/s and MFU, coca against rope, eager and compiled.
+  attention  forward and forward+backward of rope/coca/slack/alibi fast (SDPA; ALiBi: FlexAttention on
+             CUDA, chunked SDPA elsewhere), the naive paths where they fit their budget, and the anchor:
+             the official code's computation (Slack with an explicit N x N einsum score matrix, masked
+             softmax); out of memory is reported, not hidden.
+  train      one optimizer step of a preset's model: tokens/s and MFU (on a GPU whose peak is known),
+             every attention against rope, eager and compiled.
   generate   prefill of a long prompt, decode tokens/s at that context, peak memory, and decode against
              the memory-bandwidth bound (bytes of weights and cache read per token over copy bandwidth).
 On CUDA: CUDA events, warm-up, several repeats, the median; peak memory from the allocator.
 On CPU: wall clock, the median; peak memory is not measured (no allocator statistics).
 """
-import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
 
 import torch
 
+from .common import gpu_peak_flops, parse_lengths, resolve_device, resolve_dtype
 from .config import make_config
-from .model import GPT, GPTConfig, attention, naive_attend, rotary_cos_sin, rotate, tau_of
-from .trainer import resolve_device, resolve_dtype
+from .errors import ArgumentParser, UserError, run_script
+from .model import ATTENTIONS, GPT, GPTConfig, alibi_slopes, attention, naive_attend, rotary_cos_sin, rotate, tau_of
 
 
-def official_slack(q, t, v, rq, rk):
+def official_slack(q, t, v, rot, slopes):
     """The anchor: the official code's Slack attention, einsum('bpnd,bpsd,bpnd->bpns') over an N x N matrix."""
     tau = tau_of(t)
-    scores = torch.einsum("bpnd,bpsd,bpnd->bpns", q, rotate(torch.cat((tau, tau), -1), *rk), rotate(q, *rq))
+    scores = torch.einsum("bpnd,bpsd,bpnd->bpns", q, rotate(torch.cat((tau, tau), -1), *rot), rotate(q, *rot))
     return naive_attend(scores / math.sqrt(q.size(-1)), v)
 
 
-PATHS = {
-    "rope-fast": lambda *a: attention("rope", "fast", *a),
-    "coca-fast": lambda *a: attention("coca", "fast", *a),
-    "slack-fast": lambda *a: attention("coca-slack", "fast", *a),
-    "rope-naive": lambda *a: attention("rope", "naive", *a),
-    "coca-naive": lambda *a: attention("coca", "naive", *a),
-    "slack-naive": lambda *a: attention("coca-slack", "naive", *a),
-    "official-einsum": official_slack,
-}
+def path(variant, impl):
+    return lambda q, t, v, rot, slopes: attention(variant, impl, q, t, v, rot, slopes)
+
+
+NAMES = {"rope": "rope", "coca": "coca", "coca-slack": "slack", "alibi": "alibi"}
+PATHS = {f"{NAMES[v]}-{impl}": path(v, impl) for impl in ("fast", "naive") for v in ATTENTIONS}
+PATHS["official-einsum"] = official_slack
 
 
 def measure(fn, device, warmup, repeats):
@@ -94,19 +95,20 @@ def bench_attention(args, device, dtype, log):
         g = torch.Generator(device=device).manual_seed(0)
         q, t, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
         rot = rotary_cos_sin(0, N, args.head_dim, device=device, dtype=dtype)
+        slopes = alibi_slopes(args.heads).to(device=device, dtype=dtype)
         grad = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        for name, path in PATHS.items():
+        for name, fn in PATHS.items():
             if args.skip_slow_over and N > args.skip_slow_over and not name.endswith("-fast"):
                 rows.append(dict(path=name, N=N, status=f"not run above N={args.skip_slow_over} (--skip-slow-over)"))
                 continue
 
             def fwd():
                 with torch.no_grad():
-                    path(q, t, v, rot, rot)
+                    fn(q, t, v, rot, slopes)
 
             def fwdbwd():
                 qq, tt, vv = (x.detach().requires_grad_() for x in (q, t, v))
-                path(qq, tt, vv, rot, rot).backward(grad)
+                fn(qq, tt, vv, rot, slopes).backward(grad)
 
             r1, s1 = guarded(lambda: measure(fwd, device, args.warmup, args.repeats))
             r2, s2 = guarded(lambda: measure(fwdbwd, device, args.warmup, args.repeats)) if r1 else (None, s1)
@@ -130,8 +132,8 @@ def bench_attention(args, device, dtype, log):
 def preset_model(args):
     """(GPTConfig keywords, batch size) of the preset's model; --quick shrinks it to CPU size."""
     cfg = make_config([f"--preset={args.preset}"])
-    over = dict(vocab_size=50304 if cfg.tokenizer == "gpt2" else 320, block_size=cfg.block_size,
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)
+    over = dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd, bias=cfg.bias)
     if args.quick:
         over.update(vocab_size=2048, n_layer=2, n_embd=128, n_head=4, block_size=256)
     return over, 4 if args.quick else cfg.batch_size
@@ -142,7 +144,7 @@ def bench_train(args, device, dtype, log):
     over, batch = preset_model(args)
     cuda = device.startswith("cuda")
     for compiled in ([False, True] if args.compile else [False]):
-        for att in ("rope", "coca", "coca-slack"):
+        for att in ATTENTIONS:
             torch.manual_seed(0)
             model = GPT(GPTConfig(**over, attention=att)).to(device)
             opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
@@ -163,7 +165,7 @@ def bench_train(args, device, dtype, log):
             if r:
                 tokens = batch * over["block_size"]
                 row.update(ms_per_step=r[0], tokens_per_s=tokens / (r[0] / 1000), peak_mib=r[1],
-                           mfu=model.estimate_mfu(tokens, r[0] / 1000, args.peak_flops) if cuda else None)
+                           mfu=model.estimate_mfu(tokens, r[0] / 1000, args.peak_flops) if args.peak_flops else None)
             rows.append(row)
             log(f"  train {att:<10} {'compiled' if compiled else 'eager':<8} "
                 + (f"{row['tokens_per_s'] / 1000:8.1f}k tok/s" if r else status)
@@ -188,7 +190,7 @@ def bench_generate(args, device, dtype, log):
     over, _ = preset_model(args)
     bw = copy_bandwidth(device, 2**30 if device.startswith("cuda") else 2**27)
     rows = []
-    for att in ("rope", "coca", "coca-slack"):
+    for att in ATTENTIONS:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**over, attention=att)).to(device=device, dtype=dtype).eval()
         prompt = torch.randint(0, over["vocab_size"], (1, args.prompt), device=device)
@@ -196,14 +198,10 @@ def bench_generate(args, device, dtype, log):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []  # when each new token is known: the first one ends the prefill
-
-        def on_token(nxt):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-
         t0 = time.perf_counter()
-        model.generate(prompt, args.new_tokens, temperature=0, rope_scaling="dynamic:4", on_token=on_token)
+        for token in model.generate_stream(prompt, args.new_tokens, temperature=0, scaling="dynamic:4"):
+            token.item()  # waits for the device
+            times.append(time.perf_counter())
         t1, t2 = times[0], times[-1]
         head_dim = over["n_embd"] // over["n_head"]
         per_token = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -251,44 +249,85 @@ def print_tables(res):
               f"{r['bound_tokens_per_s']:.0f} | {100 * r['fraction_of_bound']:.1f}% | {fmt(r['peak_mib'], '.0f')} |")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="nanococa benchmarks: attention, training step, generation")
+FULL = dict(lengths="512,1K,2K,4K,8K,16K,32K", heads=12, prompt=32768, new_tokens=64, warmup=3, repeats=10,
+            train_repeats=10)
+QUICK = dict(lengths="128,256,512", heads=2, prompt=1024, new_tokens=8, warmup=1, repeats=3, train_repeats=2)
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="nanococa benchmarks: attention, training step, generation")
     p.add_argument("--quick", action="store_true", help="small sizes: a 2-core CPU in under 2 minutes")
     p.add_argument("--device", default="auto")
-    p.add_argument("--lengths", default=None, help="attention N list (default 512..32768; --quick 128,256,512)")
+    p.add_argument("--lengths", default=None, help=f"attention N list (default {FULL['lengths']}; --quick {QUICK['lengths']})")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--heads", type=int, default=None, help=f"attention heads (default {FULL['heads']}; --quick {QUICK['heads']})")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--preset", default="pycode-gpu", help="model shape for the training and generation sections")
-    p.add_argument("--prompt", type=int, default=32768, help="generation: prompt tokens (--quick: 1024)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--train-repeats", type=int, default=10)
+    p.add_argument("--prompt", type=int, default=None, help=f"generation: prompt tokens (default {FULL['prompt']})")
+    p.add_argument("--new-tokens", type=int, default=None, help=f"generation: new tokens (default {FULL['new_tokens']})")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--train-repeats", type=int, default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="training: eager only")
     p.add_argument("--skip-slow-over", type=int, default=0, help="run naive and anchor paths only up to this N")
-    p.add_argument("--peak-flops", type=float, default=989e12, help="for MFU (default: H100/H200 dense bf16)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="dense bf16 peak FLOP/s for MFU (default: the GPU's own where known, else no MFU)")
     p.add_argument("--out", default="bench.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def check_args(args, cuda):
+    """Fill the size defaults (--quick's or the full ones; options given explicitly win) and refuse sizes
+    that cannot be meant. Returns the --quick settings that were applied, to print."""
+    sizes = QUICK if args.quick else FULL
+    applied = {k: v for k, v in sizes.items() if getattr(args, k) is None}
+    for k, v in applied.items():
+        setattr(args, k, v)
+    if args.quick and args.compile and not cuda:
+        args.compile, applied["compile"] = False, False
+    try:
+        args.lengths = parse_lengths(args.lengths)
+    except ValueError as e:
+        raise UserError(f"--lengths: {e}") from None
+    for k in ("batch", "heads", "head_dim", "prompt", "repeats", "train_repeats"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')}={getattr(args, k)} must be at least 1")
+    if args.warmup < 0 or args.skip_slow_over < 0:
+        raise UserError("--warmup and --skip-slow-over must not be negative")
+    if args.head_dim % 2:
+        raise UserError(f"--head-dim={args.head_dim} is odd; rotary needs an even head dimension")
     if args.new_tokens < 2:
-        p.error("--new-tokens must be at least 2 (decode speed is timed between the first and the last)")
+        raise UserError("--new-tokens must be at least 2 (decode speed is timed between the first and the last)")
+    if args.peak_flops is not None and not 0 < args.peak_flops < math.inf:
+        raise UserError(f"--peak-flops={args.peak_flops} must be a positive number")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out={args.out} cannot be written (a folder, or its folder is missing or read-only)")
+    return applied
+
+
+def main(argv):
+    args = parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
+    applied = check_args(args, cuda)
+    make_config([f"--preset={args.preset}"])  # an unknown preset is an error now, not after the attention section
     dtype = getattr(torch, resolve_dtype("auto", device))
-    if args.quick:
-        args.lengths = args.lengths or "128,256,512"
-        args.heads, args.prompt, args.new_tokens = 2, min(args.prompt, 1024), min(args.new_tokens, 8)
-        args.warmup, args.repeats, args.train_repeats = 1, 3, 2
-        args.compile = args.compile and cuda
-    args.lengths = [int(x) for x in (args.lengths or "512,1024,2048,4096,8192,16384,32768").split(",")]
+    gpu = torch.cuda.get_device_name(device) if cuda else None
+    if args.peak_flops is None and gpu:
+        args.peak_flops = gpu_peak_flops(gpu)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    log = lambda m: print(m, flush=True)
-    log(f"nanococa.bench on {torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'} "
-        f"({device}, {dtype}, torch {torch.__version__}); B={args.batch} H={args.heads} D={args.head_dim}")
-    res = dict(meta=dict(device=device, gpu=torch.cuda.get_device_name(device) if cuda else None, dtype=str(dtype),
-                         torch=torch.__version__, quick=args.quick, batch=args.batch, heads=args.heads,
-                         head_dim=args.head_dim, preset=args.preset, warmup=args.warmup, repeats=args.repeats))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    log(f"nanococa.bench on {gpu or platform.processor() or 'cpu'} ({device}, {dtype}, torch {torch.__version__}); "
+        f"B={args.batch} H={args.heads} D={args.head_dim}"
+        + (f"; MFU against {args.peak_flops / 1e12:.0f} TFLOP/s" if args.peak_flops else "; no MFU (unknown peak)"))
+    if args.quick:
+        log("--quick sets " + (", ".join(f"{k}={v}" for k, v in applied.items()) or "nothing")
+            + "; options given on the command line are kept")
+    res = dict(meta=dict(device=device, gpu=gpu, dtype=str(dtype), torch=torch.__version__, quick=args.quick,
+                         batch=args.batch, heads=args.heads, head_dim=args.head_dim, preset=args.preset,
+                         warmup=args.warmup, repeats=args.repeats, peak_flops=args.peak_flops))
     res["attention"] = bench_attention(args, device, dtype, log)
     res["train"] = bench_train(args, device, dtype, log)
     res["generate"], res["copy_bandwidth_bytes_per_s"] = bench_generate(args, device, dtype, log)
@@ -300,4 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

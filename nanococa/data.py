@@ -10,9 +10,10 @@
                 every tenth file (sorted) is validation; a single file gives its last tenth.
   hf:NAME[:CONFIG]  a Hugging Face dataset's "text" column; needs `datasets` and the network.
 
-prepare() writes <cache>/<slug>-<tokenizer>/{train,val}.bin (uint16 tokens, an end-of-text token after
-every document), {train,val}.offsets.npy (where each document starts) and manifest.json (corpus,
-tokenizer, fingerprint, document names); a later call with an unchanged corpus reuses them.
+prepare() writes <cache>/<slug>-<hash>-<tokenizer>/{train,val}.bin (uint16 tokens, an end-of-text token
+after every document), {train,val}.offsets.npy (where each document starts) and manifest.json (corpus,
+tokenizer, fingerprint, document names, token counts); a later call with an unchanged corpus reuses them
+once their sizes check out against the manifest, and rebuilds a damaged or half-written cache.
 """
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ import sysconfig
 import numpy as np
 import torch
 
+from .common import file_lock
 from .errors import UserError
 
 VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")
@@ -152,49 +154,104 @@ def fingerprint(docs):
 
 
 def corpus_dir(cache_dir, corpus, tokenizer):
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus).strip("_")[-60:]
-    return os.path.join(cache_dir, f"{slug}-{tokenizer.name}")
+    """<cache>/<readable slug>-<hash of the corpus name>-<tokenizer>: two sources never share a folder."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus).strip("_")[-48:]
+    tag = hashlib.sha256(corpus.encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"{slug}-{tag}-{tokenizer.name}")
+
+
+def cache_problem(folder, fp, tokenizer):
+    """None when folder holds a complete cache of this corpus (fingerprint fp), else what is wrong with it.
+    The files are checked against what the manifest records: sizes, token counts, document offsets."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "no cache yet"
+    except (OSError, ValueError):
+        return "manifest.json is not readable JSON"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return "manifest.json holds no splits"
+    if manifest.get("fingerprint") != fp or manifest.get("tokenizer") != tokenizer.name:
+        return "the corpus changed since it was written"
+    for split in ("train", "val"):
+        meta = manifest["splits"].get(split)
+        if not isinstance(meta, dict) or not {"tokens", "documents", "doc_tokens"} <= set(meta):
+            return f"manifest.json lacks the {split} split"
+        path = os.path.join(folder, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != 2 * meta["tokens"]:
+            return f"{split}.bin has {size} bytes, the manifest records {2 * meta['tokens']:,}"
+        try:
+            offsets = np.load(os.path.join(folder, f"{split}.offsets.npy"))
+        except (OSError, ValueError, EOFError) as e:
+            return f"{split}.offsets.npy is not readable ({type(e).__name__})"
+        lengths = np.asarray(meta["doc_tokens"], dtype=np.int64)
+        if not (len(offsets) == len(lengths) == len(meta["documents"]) and lengths.sum() == meta["tokens"]
+                and np.array_equal(offsets, np.concatenate(([0], np.cumsum(lengths)[:-1])))):
+            return f"{split}.offsets.npy does not match the manifest's documents"
+    return None
 
 
 def prepare(corpus, tokenizer, cache_dir="data_cache", log=print):
-    """Tokenize the corpus into memmaps unless an unchanged copy is there; return its folder."""
+    """Tokenize the corpus into memmaps unless a complete, unchanged copy is there; return its folder.
+    Safe when several processes prepare the same corpus at once: one writes, the others wait and reuse."""
     docs = load_docs(corpus)
     fp = fingerprint(docs)
     out = corpus_dir(cache_dir, corpus, tokenizer)
-    manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            m = json.load(f)
-        if m.get("fingerprint") == fp and m.get("tokenizer") == tokenizer.name:
-            log(f"data: {corpus} ({tokenizer.name}) fingerprint {fp}, reusing {out}")
-            return out
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # stale: until the new one is written, nothing here is reused
-    manifest = {"corpus": corpus, "tokenizer": tokenizer.name, "fingerprint": fp, "splits": {}}
-    for split in ("train", "val"):
-        if not docs[split]:
-            raise UserError(f"corpus {corpus}: the {split} split is empty")
-        lengths, tmp = [], os.path.join(out, f"{split}.bin.tmp")
-        with open(tmp, "wb") as f:  # a few documents at a time: memory stays bounded on big corpora
-            for start in range(0, len(docs[split]), 16):
-                texts = [text for _, text in docs[split][start:start + 16]]
-                for ids in tokenizer.encode_batch(texts):
-                    np.array(ids + [tokenizer.eot], dtype=np.uint16).tofile(f)
-                    lengths.append(len(ids) + 1)  # + the end-of-text token
-        os.replace(tmp, os.path.join(out, f"{split}.bin"))
-        lengths = np.array(lengths, dtype=np.int64)
-        np.save(os.path.join(out, f"{split}.offsets.npy"), np.concatenate(([0], np.cumsum(lengths)[:-1])))
-        manifest["splits"][split] = {"tokens": int(lengths.sum()), "documents": [n for n, _ in docs[split]],
-                                     "doc_tokens": lengths.tolist()}
-        log(f"data: {corpus} {split}: {len(lengths)} documents, {int(lengths.sum()):,} tokens")
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f)
-    os.replace(tmp, manifest_path)  # the manifest goes last: a half-written cache is never reused
+    try:
+        with file_lock(os.path.join(out, ".lock"), log=log):
+            problem = cache_problem(out, fp, tokenizer)
+            if problem is None:
+                log(f"data: {corpus} ({tokenizer.name}) fingerprint {fp}, reusing {out}")
+                return out
+            if problem != "no cache yet":
+                log(f"data: the cache in {out} cannot be used ({problem}); rebuilding it")
+            write_cache(out, corpus, docs, fp, tokenizer, log)
+    except OSError as e:
+        raise UserError(f"data: could not write the cache in {out} ({e.strerror or e}); "
+                        "free some space or choose another --data_dir") from None
     log(f"data: {corpus} ({tokenizer.name}) fingerprint {fp}, written to {out}")
     return out
 
+
+def write_cache(out, corpus, docs, fp, tokenizer, log):
+    """Write the splits through temporary files; the manifest goes last, so a cache that was cut off
+    (a kill, a full disk) is never taken for a complete one. Leftover temporaries are removed."""
+    for name in os.listdir(out):
+        if ".tmp" in name or name == "manifest.json":
+            os.remove(os.path.join(out, name))  # stale: until the new manifest is written, nothing is reused
+    manifest = {"corpus": corpus, "tokenizer": tokenizer.name, "fingerprint": fp, "splits": {}}
+    temporaries = []
+
+    def temporary(name):
+        temporaries.append(os.path.join(out, f"{name}.tmp.{os.getpid()}"))
+        return temporaries[-1]
+    try:
+        for split in ("train", "val"):
+            if not docs[split]:
+                raise UserError(f"corpus {corpus}: the {split} split is empty")
+            lengths = []
+            with open(temporary(f"{split}.bin"), "wb") as f:  # a few documents at a time: bounded memory
+                for start in range(0, len(docs[split]), 16):
+                    texts = [text for _, text in docs[split][start:start + 16]]
+                    for ids in tokenizer.encode_batch(texts):
+                        np.array(ids + [tokenizer.eot], dtype=np.uint16).tofile(f)
+                        lengths.append(len(ids) + 1)  # + the end-of-text token
+            lengths = np.array(lengths, dtype=np.int64)
+            with open(temporary(f"{split}.offsets.npy"), "wb") as f:
+                np.save(f, np.concatenate(([0], np.cumsum(lengths)[:-1])))
+            manifest["splits"][split] = {"tokens": int(lengths.sum()), "documents": [n for n, _ in docs[split]],
+                                         "doc_tokens": lengths.tolist()}
+            log(f"data: {corpus} {split}: {len(lengths)} documents, {int(lengths.sum()):,} tokens")
+        with open(temporary("manifest.json"), "w") as f:
+            json.dump(manifest, f)
+        for tmp in temporaries:  # publish: the data files first, the manifest last
+            os.replace(tmp, tmp.rsplit(".tmp.", 1)[0])
+    finally:
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 class Split:
     """One split's tokens (uint16 memmap) with its document offsets, lengths and names."""

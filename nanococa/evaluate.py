@@ -19,6 +19,7 @@ import math
 import os
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,38 +46,60 @@ def pick_windows(split, max_len, target, count):
 
 
 @torch.no_grad()
-def nll_of_last(model, ids, n_scored, rope_scaling=None):
+def nll_of_last(model, ids, n_scored, scaling=None):
     """Sum of negative log-likelihoods of the last n_scored tokens of ids (1-D), given all before them."""
     x = ids[:-1].unsqueeze(0)
-    h = model.hidden(x, rope_scaling=rope_scaling)[:, -n_scored:]
+    h = model.hidden(x, scaling=scaling)[:, -n_scored:]
     logits = model.lm_head(h).float()
     return F.cross_entropy(logits[0], ids[-n_scored:], reduction="sum").item()
 
 
-def same_targets_perplexity(model, split, windows, length, target, rope_scaling=None, device="cpu"):
-    """(perplexity, scored target ids as a list per window) at one context length."""
-    total, scored = 0.0, []
+def same_targets_perplexity(model, split, windows, length, target, scaling=None, device="cpu"):
+    """(perplexity, mean NLL of each window, scored target ids as a list per window) at one length."""
+    per_window, scored = [], []
     for doc, end in windows:
         ids = torch.from_numpy(split.document(doc)[end - length - 1:end].astype("int64")).to(device)  # L + 1 tokens
-        total += nll_of_last(model, ids, target, rope_scaling)
+        per_window.append(nll_of_last(model, ids, target, scaling) / target)
         scored.append(ids[-target:].tolist())
-    return math.exp(total / (target * len(windows))), scored
+    return math.exp(sum(per_window) / len(per_window)), per_window, scored
 
 
-def sliding_perplexity(model, split, docs, length, max_len, stride=512, rope_scaling=None, device="cpu"):
-    """(perplexity, tokens scored): the paper's sliding window over documents truncated to max_len."""
-    total, count = 0.0, 0
+def sliding_perplexity(model, split, docs, length, max_len, stride=512, scaling=None, device="cpu"):
+    """(perplexity, mean NLL of each document, tokens scored): the paper's sliding window over documents
+    truncated to max_len."""
+    total, count, per_doc = 0.0, 0, []
     for doc in docs:
         ids = torch.from_numpy(split.document(doc)[:max_len + 1].astype("int64")).to(device)
-        n, prev_end = len(ids) - 1, 0  # n predictions: token t + 1 from tokens 0..t
+        n, prev_end, doc_total = len(ids) - 1, 0, 0.0  # n predictions: token t + 1 from tokens 0..t
         for begin in range(0, n, stride):
             end = min(begin + length, n)
-            total += nll_of_last(model, ids[begin:end + 1], end - prev_end, rope_scaling)
-            count += end - prev_end
+            doc_total += nll_of_last(model, ids[begin:end + 1], end - prev_end, scaling)
             prev_end = end
             if end == n:
                 break
-    return math.exp(total / count), count
+        total, count = total + doc_total, count + n
+        per_doc.append(doc_total / n)
+    return math.exp(total / count), per_doc, count
+
+
+def bootstrap_interval(per_unit, draws=2000, seed=0):
+    """95% percentile interval of exp(mean NLL) over units (windows or documents) drawn with replacement."""
+    values = np.asarray(per_unit, dtype=np.float64)
+    if len(values) < 2:
+        return None, None
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(draws, len(values)))
+    lo, hi = np.percentile(np.exp(values[idx].mean(axis=1)), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def wilson_interval(hits, trials, z=1.96):
+    """95% Wilson score interval of a success rate."""
+    if trials == 0:
+        return None, None
+    p = hits / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def passkey_parts(tok, key):
@@ -104,80 +127,185 @@ def build_passkey(tok, length, depth, key):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tok, length, trials, rope_scaling=None, seed=0, device="cpu"):
+def passkey_accuracy(model, tok, length, trials, scaling=None, seed=0, device="cpu"):
     """Fraction of trials whose key (random 5 digits at a random depth) is decoded greedily."""
     rng = random.Random(seed * 1_000_003 + length)
     hits = 0
     for _ in range(trials):
         key = f"{rng.randint(10000, 99999)}"
         ids, _, answer = build_passkey(tok, length, rng.random(), key)
-        out = model.generate(torch.tensor([ids], device=device), len(answer), temperature=0, rope_scaling=rope_scaling)
+        out = model.generate(torch.tensor([ids], device=device), len(answer), temperature=0, scaling=scaling)
         hits += tok.decode(out[0, len(ids):].tolist()).strip() == key
     return hits / trials
 
 # -----------------------------------------------------------------------------------------------
 # Tables, files and the plot.
 
-COLUMNS = ("checkpoint", "attention", "corpus", "scaling", "protocol", "length", "perplexity", "targets",
-           "passkey_accuracy", "passkey_trials")
+COLUMNS = ("checkpoint", "attention", "attn_scale", "corpus", "tokenizer", "scaling", "protocol", "length",
+           "perplexity", "perplexity_lo", "perplexity_hi", "units", "targets", "unit_nll", "passkey_accuracy",
+           "passkey_lo", "passkey_hi", "passkey_trials", "note")
+# perplexity_lo/hi: 95% bootstrap interval over the scored units (same-targets: windows; sliding: documents);
+# unit_nll: each unit's mean negative log-likelihood (nats per token), space-separated in the CSV;
+# passkey_lo/hi: 95% Wilson interval; note: why a cell holds no number, or what it repeats.
+
+
+def method(r):
+    return r["attention"] + ("+ssmax" if r.get("attn_scale", "none") == "ssmax" else "")
 
 
 def row_label(r):
-    return f"{r['checkpoint']} ({r['attention']}, {r['scaling']})"
+    return f"{r['checkpoint']} ({method(r)}, {r['scaling']})"
 
 
-def markdown_table(rows, key, fmt):
-    """One line per (checkpoint, scaling), one column per length, of rows[key]."""
+def fmt_cell(r, key):
+    """"5.02 (4.81-5.24)", the value and its interval, or the note where there is no value."""
+    v = r.get(key)
+    if v is None:
+        return r.get("note") or ""
+    lo, hi = (r.get("perplexity_lo"), r.get("perplexity_hi")) if key == "perplexity" else (r.get("passkey_lo"), r.get("passkey_hi"))
+    return f"{v:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
+
+
+def markdown_table(rows, key):
+    """One line per (checkpoint, scaling), one column per length, of rows[key] with its 95% interval."""
     lengths = sorted({r["length"] for r in rows})
     labels = list(dict.fromkeys(row_label(r) for r in rows))
-    cell = {(row_label(r), r["length"]): r[key] for r in rows}
+    cell = {(row_label(r), r["length"]): r for r in rows}
     out = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for lab in labels:
-        vals = [cell.get((lab, n)) for n in lengths]
-        out.append(f"| {lab} | " + " | ".join("" if v is None else fmt(v) for v in vals) + " |")
+        out.append(f"| {lab} | " + " | ".join(fmt_cell(cell[lab, n], key) if (lab, n) in cell else ""
+                                              for n in lengths) + " |")
     return "\n".join(out)
 
 
-def write_outputs(rows, meta, out_dir, log=print):
-    """results.json (meta + rows), results.csv (COLUMNS) and, with matplotlib, results.png."""
+def write_outputs(rows, meta, out_dir, plot=True, log=print):
+    """results.json (meta + rows), results.csv (COLUMNS) and, with plot and matplotlib, results.png."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "columns": COLUMNS, "results": rows}, f, indent=1)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
-        w.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
+        for r in rows:
+            w.writerow({k: " ".join(f"{x:.6f}" for x in r[k]) if k == "unit_nll" and r.get(k) else r.get(k)
+                        for k in COLUMNS})
+    if plot:
+        plot_results(rows, meta, os.path.join(out_dir, "results.png"), log)
+
+
+def pyplot(log):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
+        return plt
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
-    has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_passkey else 1, figsize=(13 if has_passkey else 7, 4.5), squeeze=False)
-    for lab in dict.fromkeys(row_label(r) for r in rows):
-        mine = sorted((r for r in rows if row_label(r) == lab), key=lambda r: r["length"])
-        style = "--" if "rope" in lab.split("(")[1].split(",")[0] else "-"
-        axes[0][0].plot([r["length"] for r in mine], [r["perplexity"] for r in mine], style, marker="o", label=lab)
-        if has_passkey:
-            axes[0][1].plot([r["length"] for r in mine], [r["passkey_accuracy"] for r in mine], style, marker="o", label=lab)
-    ax = axes[0][0]
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
-           title=f"perplexity vs context ({meta.get('protocol')}, trained at {meta.get('train_len')})")
-    ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=7)
-    if has_passkey:
-        axes[0][1].set(xscale="log", ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy",
-                       title="passkey retrieval")
+        return None
+
+
+def length_axis(ax, lengths):
+    import matplotlib.ticker
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+
+
+def log_y_axis(ax):
+    import matplotlib.ticker
+    ax.set_yscale("log")
     ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_results(rows, meta, path, log=print):
+    """Perplexity against length, one line per (checkpoint, scaling) with its 95% band; passkey beside it."""
+    plt = pyplot(log)
+    if plt is None:
+        return
+    has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_passkey else 1, figsize=(14 if has_passkey else 8, 5), squeeze=False)
+    for lab in dict.fromkeys(row_label(r) for r in rows):
+        mine = sorted((r for r in rows if row_label(r) == lab and r.get("perplexity") is not None),
+                      key=lambda r: r["length"])
+        if not mine:
+            continue
+        style = "--" if mine[0]["attention"] == "rope" else ":" if mine[0]["attention"] == "alibi" else "-"
+        n = [r["length"] for r in mine]
+        line, = axes[0][0].plot(n, [r["perplexity"] for r in mine], style, marker="o", ms=3, label=lab)
+        if all(r.get("perplexity_lo") is not None for r in mine):
+            axes[0][0].fill_between(n, [r["perplexity_lo"] for r in mine], [r["perplexity_hi"] for r in mine],
+                                    color=line.get_color(), alpha=0.15, lw=0)
+        pk = [r for r in mine if r.get("passkey_accuracy") is not None]
+        if has_passkey and pk:
+            acc = [r["passkey_accuracy"] for r in pk]
+            err = [[a - (r["passkey_lo"] or a) for a, r in zip(acc, pk)], [(r["passkey_hi"] or a) - a for a, r in zip(acc, pk)]]
+            axes[0][1].errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, marker="o", ms=3, capsize=2,
+                                color=line.get_color(), label=lab)
+    lengths = sorted({r["length"] for r in rows})
+    ax = axes[0][0]
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity (95% band over windows)",
+           title=f"perplexity vs context ({meta.get('protocol')}, trained at {meta.get('train_len')})")
+    log_y_axis(ax)
+    ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=6)
+    if has_passkey:
+        axes[0][1].set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
+                       title="passkey retrieval")
     for a in axes[0]:
-        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        a.set_xticks(sorted({r["length"] for r in rows}), [f"{n // 1024}K" if n >= 1024 else str(n)
-                                                            for n in sorted({r["length"] for r in rows})])
+        length_axis(a, lengths)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "results.png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def read_length_curves(run_dir):
+    """[(iter, {length: perplexity})] from the eval records of a run's log.jsonl (--eval_lengths)."""
+    path = os.path.join(run_dir, "log.jsonl") if os.path.isdir(run_dir) else run_dir
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UserError(f"--curves: cannot read {path} ({e})") from None
+    points = [(r["iter"], {int(k): v for k, v in r["ppl_at_length"].items()}) for r in records
+              if r.get("event") == "eval" and r.get("ppl_at_length")]
+    if not points:
+        raise UserError(f"--curves: {path} has no tracked perplexities; train with --eval_lengths=512,2K,8K")
+    start = next((r for r in records if r.get("event") == "start"), {}).get("config", {})
+    label = f"{run_dir} ({start.get('attention', '?')}{'+ssmax' if start.get('attn_scale') == 'ssmax' else ''}, " \
+            f"seed {start.get('seed', '?')})"
+    return label, start.get("attention"), points
+
+
+def plot_training_curves(run_dirs, path, log=print):
+    """One panel per tracked length: perplexity against training step, one line per run; the last
+    panel is the longest length's perplexity over the shortest's."""
+    runs = [read_length_curves(d) for d in run_dirs]
+    plt = pyplot(log)
+    if plt is None:
+        return runs
+    lengths = sorted({n for _, _, pts in runs for _, ppl in pts for n in ppl})
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.2 * (len(lengths) + 1), 4.2), squeeze=False)
+    colors = {}
+    for label, attention, pts in runs:
+        style = "--" if attention == "rope" else ":" if attention == "alibi" else "-"
+        kw = dict(ls=style, marker="o", ms=2, label=label)
+        if attention in colors:
+            kw["color"] = colors[attention]
+        for ax, n in zip(axes[0], lengths):
+            xs = [(i, p[n]) for i, p in pts if n in p]
+            line, = ax.plot([x for x, _ in xs], [y for _, y in xs], **kw)
+            colors.setdefault(attention, line.get_color())
+            kw["color"] = colors[attention]
+        ratio = [(i, p[lengths[-1]] / p[lengths[0]]) for i, p in pts if lengths[0] in p and lengths[-1] in p]
+        axes[0][-1].plot([x for x, _ in ratio], [y for _, y in ratio], **kw)
+    for ax, n in zip(axes[0], lengths):
+        ax.set(title=f"perplexity at {n:,} tokens", xlabel="training step")
+        log_y_axis(ax)
+    axes[0][-1].set(title=f"{lengths[-1]:,} over {lengths[0]:,}", xlabel="training step", ylabel="ratio")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return runs

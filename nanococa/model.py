@@ -3,80 +3,118 @@ nanococa/model.py: a GPT with CoCA (Collinear Constrained Attention), Zhu et al.
 
 Read top to bottom. It holds:
   1. GPTConfig, with checks that name the bad value and what is allowed.
-  2. One rotary implementation (half-split layout) with a position offset and context extension:
-     dynamic NTK ("dynamic", factor) and position interpolation ("linear", factor).
-  3. Attention, three variants, each as a naive function (the paper's equation, materialised)
-     beside a fast function (the same numbers as plain scaled-dot-product attention, O(T*D)):
-       rope        vanilla RoPE
-       coca        strict CoCA (Eqs. 7-9, 17); fast form Q' = f([e, 0], m), K' = f([tau, 0], n)
-       coca-slack  CoCA-Slack (Eq. 10), what the official code computes
-  4. KVCache: preallocated keys in SDPA form (K', K'' or rotated K) and values, chunked prefill.
-  5. Block, GPT (tied embeddings, nanoGPT init), configure_optimizers, estimate_mfu, generate.
-Equations and the derivation of the fast forms: ../shared/docs/coca.md (README has the short form).
+  2. Positions: one rotary implementation (half-split layout) with dynamic NTK and position
+     interpolation, ALiBi's head slopes, the length-aware row scales (logn at inference, ssmax
+     trained), and parse_scaling, the grammar of context extension ("dynamic:4+logn").
+  3. Attention, four variants, each a naive function (the equation, materialised) beside its fast
+     form (plain scaled-dot-product attention, O(T*D) memory):
+       rope        RoPE (RoFormer)                         rope_scores_naive   | rope_sdpa_qk
+       coca        strict CoCA (Eqs. 7-9, 17)              coca_scores_naive   | coca_sdpa_qk
+       coca-slack  CoCA-Slack (Eq. 10, the official code)  slack_scores_naive  | slack_sdpa_qk
+       alibi       ALiBi (Press et al., 2022)              alibi_scores_naive  | alibi_sdpa
+     attention() runs either path; it is the one route to the fast path, with or without a cache.
+  4. KVCache: keys in SDPA form and values, the position of the next token, its rotary rows.
+  5. Block, GPT (tied embeddings, nanoGPT init), configure_optimizers, estimate_mfu,
+     generate_stream / generate, and sample_next (temperature, top-k, top-p).
+The theory, the derivation of every fast form and the test behind each property: docs/coca.md.
 """
+import functools
 import inspect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATTENTIONS = ("coca", "coca-slack", "rope")
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5: ALiBi takes the chunked SDPA path everywhere
+    flex_attention = None
+
+ATTENTIONS = ("coca", "coca-slack", "rope", "alibi")
 ATTN_IMPLS = ("fast", "naive")
-SCALINGS = ("dynamic", "linear")
+ATTN_SCALES = ("none", "ssmax")
 NAIVE_MAX_ELEMENTS = 2**27  # the largest tensor a naive path may materialise (elements)
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304
-    block_size: int = 512  # training context; dynamic NTK extends beyond it
+    block_size: int = 512  # training context; context extension reaches beyond it
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False
-    attention: str = "coca"  # "coca" (strict), "coca-slack" or "rope"
+    attention: str = "coca"  # "coca" (strict), "coca-slack", "rope" or "alibi"
     attn_impl: str = "fast"  # "fast" (SDPA form) or "naive" (literal equations)
+    attn_scale: str = "none"  # "ssmax": each row of logits times s_h * log(m + 1), s learned
     rope_base: float = 10000.0
 
     def __post_init__(self):
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+        for name, allowed in (("attention", ATTENTIONS), ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head dimension n_embd/n_head={self.n_embd // self.n_head} is odd; "
                              "rotary needs an even head dimension")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not self.rope_base > 1.0:
-            raise ValueError(f"rope_base={self.rope_base!r} must be greater than 1")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias={self.bias!r} must be true or false")
+        if not isinstance(self.rope_base, (int, float)) or not 1.0 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base={self.rope_base!r} must be a finite number greater than 1")
+        if self.attn_scale == "ssmax" and self.block_size < 2:
+            raise ValueError("attn_scale='ssmax' starts at 1 / log(block_size): block_size must be at least 2")
 
 # -----------------------------------------------------------------------------------------------
-# Rotary position embedding, half-split layout: plane j is the coordinate pair (j, j + D/2).
+# Positions. Rotary, half-split layout: plane j is the coordinate pair (j, j + D/2).
 
 
-def parse_scaling(scaling):
-    """None, "none", ("dynamic", 4), "dynamic:4", ("linear", 8) or "linear:8" -> None or (kind, factor)."""
-    if scaling is None or scaling == "none":
-        return None
-    if isinstance(scaling, str):
-        kind, _, factor = scaling.partition(":")
-        try:
-            scaling = (kind, float(factor))
-        except ValueError:
-            raise ValueError(f"rope scaling {scaling!r}: factor {factor!r} is not a number") from None
-    kind, factor = scaling
-    if kind not in SCALINGS or not factor >= 1.0:
-        raise ValueError(f"rope scaling {scaling!r}: use none, dynamic:F or linear:F with F >= 1")
-    return kind, float(factor)
+class Scaling(NamedTuple):
+    """Context extension at inference: rope is None, ("dynamic", F) or ("linear", F); logn on or off."""
+    rope: Optional[tuple] = None
+    logn: bool = False
+
+
+def parse_scaling(spec):
+    """None, a Scaling, ("dynamic", 4) or a "+"-joined string of none, dynamic:F, linear:F and logn
+    ("dynamic:4+logn"), each kind at most once and one rope scaling at most -> Scaling."""
+    if isinstance(spec, Scaling):
+        return spec
+    if spec is None:
+        return Scaling()
+    if isinstance(spec, tuple):
+        spec = f"{spec[0]}:{spec[1]}"
+    rope, logn, seen = None, False, set()
+    for part in str(spec).split("+"):
+        kind, colon, factor = part.strip().partition(":")
+        if kind in seen or (rope and kind in ("dynamic", "linear")):
+            raise ValueError(f"scaling {spec!r}: {kind} and another rope scaling or itself in one entry; "
+                             "combine at most one of dynamic:F / linear:F with logn")
+        seen.add(kind)
+        if kind in ("none", "logn") and not colon:
+            logn = logn or kind == "logn"
+        elif kind in ("dynamic", "linear") and colon:
+            try:
+                f = float(factor)
+            except ValueError:
+                raise ValueError(f"scaling {spec!r}: factor {factor!r} is not a number") from None
+            if not 1.0 <= f < math.inf:
+                raise ValueError(f"scaling {spec!r}: factor {factor} must be finite and at least 1")
+            rope = (kind, f)
+        else:
+            raise ValueError(f"scaling {spec!r}: {part!r} is not none, dynamic:F, linear:F or logn "
+                             "(join them with +, e.g. dynamic:4+logn)")
+    return Scaling(rope, logn)
 
 
 def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_len=512, device=None,
@@ -84,14 +122,14 @@ def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_le
     """cos and sin of n * theta_j for positions n = start .. start+length-1, each (length, D/2).
     Dynamic NTK sizes its base for the sequence length seq_len = start + length (a cache asks for
     all its positions at once, so that is the final length, fixed for the whole generation)."""
-    scaling = parse_scaling(scaling)
+    rope = parse_scaling(scaling).rope
     seq_len = start + length
     positions = torch.arange(start, start + length, device=device, dtype=torch.float64)
-    if scaling and scaling[0] == "dynamic" and seq_len > train_len and head_dim > 2:
-        factor = scaling[1]  # base' = base * (factor * L / L_train - (factor - 1)) ** (D / (D - 2))
+    if rope and rope[0] == "dynamic" and seq_len > train_len and head_dim > 2:
+        factor = rope[1]  # base' = base * (factor * L / L_train - (factor - 1)) ** (D / (D - 2))
         base = base * (factor * seq_len / train_len - (factor - 1)) ** (head_dim / (head_dim - 2))
-    if scaling and scaling[0] == "linear":
-        positions = positions / scaling[1]  # position interpolation
+    if rope and rope[0] == "linear":
+        positions = positions / rope[1]  # position interpolation
     theta = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
     angles = positions[:, None] * theta[None, :]  # (length, D/2), float64 so n up to 1e5+ is exact
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -108,9 +146,27 @@ def rotate_real(a, cos, sin):
     return torch.cat((a * cos, a * sin), dim=-1)
 
 
+def alibi_slopes(n_head):
+    """ALiBi's head slopes: 2^(-8/H), 2^(-16/H), ... for H a power of two; otherwise those of the power
+    of two c below H, then every other slope of the 2c sequence until H are filled."""
+    def geometric(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    c = 2 ** int(math.log2(n_head))
+    return torch.tensor(geometric(c) + geometric(2 * c)[0::2][:n_head - c])
+
+
+def log_key_count(start, length, device=None):
+    """log(m + 1), the log of how many keys the query at position m sees, for m = start..; (length, 1)."""
+    return torch.log1p(torch.arange(start, start + length, device=device, dtype=torch.float64))[:, None]
+
+
+def logn_scale(log_m, train_len):
+    """Qwen's logn attention (inference only): the row of query m times max(1, log(m + 1) / log(L_train))."""
+    return (log_m / math.log(train_len)).clamp(min=1.0)
+
 # -----------------------------------------------------------------------------------------------
-# Attention. q, t (or k), v: (B, H, T, D). rq, rk: (cos, sin) of the query and key positions.
-# Queries are the last Tq of the Tk key positions (Tq < Tk when a cache holds earlier keys).
+# Attention. q, t (the key projection; CoCA's T of Eq. 5), v: (B, H, T, D). rot: (cos, sin), (T, D/2)
+# each, of the T new positions. row_scale (.., T, 1): a factor per query's row of logits (logn, ssmax).
 
 
 def check_budget(numel, what):
@@ -120,7 +176,8 @@ def check_budget(numel, what):
 
 
 def causal_mask(Tq, Tk, device):
-    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
+    """True where query i (the last Tq of Tk positions) may see key j: (Tq, Tk)."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
 
 
 def naive_attend(scores, v, dropout_p=0.0):
@@ -130,13 +187,14 @@ def naive_attend(scores, v, dropout_p=0.0):
     return att @ v  # (B, H, Tq, D)
 
 
-def sdpa(q, k, v, dropout_p=0.0):
+def sdpa(q, k, v, dropout_p=0.0, scale=None):
     """Causal SDPA for queries at the last Tq of Tk positions. is_causal alone would align the mask
     top-left when Tq < Tk, so that case gets an explicit bottom-right mask."""
     Tq, Tk = q.size(-2), k.size(-2)
     if Tq == Tk or Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=Tq > 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device), dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=Tq > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device), dropout_p=dropout_p,
+                                          scale=scale)
 
 
 def tau_of(t):
@@ -146,73 +204,152 @@ def tau_of(t):
 
 
 # --- strict CoCA ---
-def coca_keys_literal(q, t):  # Eq. 7: k_{m,n} = q_m * [tau_n, tau_n], one key per pair, (B, H, Tq, Tk, D)
+def coca_keys_literal(q, t):
+    """Eq. 7: k_{m,n} = q_m * [tau_n, tau_n], one key per (query, key) pair: (B, H, Tq, Tk, D)."""
     tau = tau_of(t)
     return q[:, :, :, None, :] * torch.cat((tau, tau), dim=-1)[:, :, None, :, :]
 
 
-def coca_scores_naive(q, t, rq, rk):  # Eqs. 8-9: a(m, n) = <f(q_m, m), f(k_{m,n}, n)> / sqrt(D)
-    B, H, Tq, D = q.shape
-    check_budget(B * H * Tq * t.size(2) * D, "strict CoCA")
-    k = rotate(coca_keys_literal(q, t), *rk)  # rk's (Tk, D/2) broadcasts over (Tq, Tk, D/2)
-    return (rotate(q, *rq)[:, :, :, None, :] * k).sum(-1) / math.sqrt(D)
+def coca_scores_naive(q, t, rot):
+    """Eqs. 8-9: a(m, n) = <f(q_m, m), f(k_{m,n}, n)> / sqrt(D), from the literal keys: (B, H, T, T)."""
+    B, H, T, D = q.shape
+    check_budget(B * H * T * T * D, "strict CoCA")
+    k = rotate(coca_keys_literal(q, t), *rot)  # key n's (T, D/2) rotation broadcasts over the query axis
+    return (rotate(q, *rot)[:, :, :, None, :] * k).sum(-1) / math.sqrt(D)
 
 
-def coca_fast(q, t, rq, rk):  # Eq. 17 as SDPA: Q' = f([e, 0], m), K' = f([tau, 0], n), e_j = |q_j|^2
+def coca_sdpa_qk(q, t, rot):
+    """Eq. 17 as an SDPA (query, key) pair: Q' = f([e, 0], m), K' = f([tau, 0], n), e_j = |q_j|^2."""
     q1, q2 = q.chunk(2, dim=-1)
-    return rotate_real(q1 * q1 + q2 * q2, *rq), rotate_real(tau_of(t), *rk)
+    return rotate_real(q1 * q1 + q2 * q2, *rot), rotate_real(tau_of(t), *rot)
 
 
 # --- CoCA-Slack ---
-def slack_scores_naive(q, t, rq, rk):  # Eq. 10 as the official code: einsum(q, f([tau, tau]), f(q)) / sqrt(D)
-    B, H, Tq, D = q.shape
-    check_budget(B * H * Tq * t.size(2), "CoCA-Slack")
+def slack_scores_naive(q, t, rot):
+    """Eq. 10 as the official code: einsum(q, f([tau, tau], n), f(q, m)) / sqrt(D): (B, H, T, T)."""
+    B, H, T, D = q.shape
+    check_budget(B * H * T * T, "CoCA-Slack")
     tau = tau_of(t)
-    kk = rotate(torch.cat((tau, tau), dim=-1), *rk)
-    return torch.einsum("bhmd,bhnd,bhmd->bhmn", q, kk, rotate(q, *rq)) / math.sqrt(D)
+    kk = rotate(torch.cat((tau, tau), dim=-1), *rot)
+    return torch.einsum("bhmd,bhnd,bhmd->bhmn", q, kk, rotate(q, *rot)) / math.sqrt(D)
 
 
-def slack_fast(q, t, rq, rk):  # Eq. 10 as SDPA: Q'' = q * f(q, m), K'' = f([tau, tau], n)
+def slack_sdpa_qk(q, t, rot):
+    """Eq. 10 as an SDPA (query, key) pair: Q'' = q * f(q, m), K'' = f([tau, tau], n)."""
     tau = tau_of(t)
-    return q * rotate(q, *rq), rotate(torch.cat((tau, tau), dim=-1), *rk)
+    return q * rotate(q, *rot), rotate(torch.cat((tau, tau), dim=-1), *rot)
 
 
 # --- RoPE ---
-def rope_scores_naive(q, k, rq, rk):  # RoFormer: a(m, n) = <f(q_m, m), f(k_n, n)> / sqrt(D)
+def rope_scores_naive(q, k, rot):
+    """RoFormer: a(m, n) = <f(q_m, m), f(k_n, n)> / sqrt(D): (B, H, T, T)."""
+    B, H, T, D = q.shape
+    check_budget(B * H * T * T, "RoPE")
+    return rotate(q, *rot) @ rotate(k, *rot).transpose(-2, -1) / math.sqrt(D)
+
+
+def rope_sdpa_qk(q, k, rot):
+    """RoFormer as an SDPA (query, key) pair: f(q, m), f(k, n)."""
+    return rotate(q, *rot), rotate(k, *rot)
+
+
+# --- ALiBi ---
+def alibi_scores_naive(q, k, slopes):
+    """ALiBi: a(m, n) = <q_m, k_n> / sqrt(D) - slope_h * (m - n), the bias matrix explicit: (B, H, T, T)."""
+    B, H, T, D = q.shape
+    check_budget(B * H * T * T, "ALiBi")
+    m = torch.arange(T, device=q.device)
+    distance = (m[:, None] - m[None, :]).to(q.dtype)  # (T, T)
+    return q @ k.transpose(-2, -1) / math.sqrt(D) - slopes.to(q.dtype)[:, None, None] * distance
+
+
+@functools.lru_cache(maxsize=16)
+def causal_block_mask(T, device):
+    return create_block_mask(lambda b, h, m, n: m >= n, None, None, T, T, device=device)
+
+
+compiled_flex = torch.compile(flex_attention) if flex_attention is not None else None  # compiles on first call
+
+
+def alibi_flex(q, k, v, slopes, row_scale=None, kernel=None):
+    """ALiBi through FlexAttention, Tq == Tk: the bias is made per tile in score_mod, never as a matrix."""
+    H, T = q.size(1), q.size(2)
+    rs = None if row_scale is None else row_scale.expand(1, H, T, 1).reshape(H, T).contiguous()
+
+    def score_mod(score, b, h, m, n):
+        score = score - slopes[h] * (m - n)
+        return score if rs is None else score * rs[h, m]
+    return (kernel or compiled_flex)(q, k, v, score_mod=score_mod, block_mask=causal_block_mask(T, q.device))
+
+
+def alibi_sdpa(q, k, v, slopes, row_scale=None, dropout_p=0.0, chunk=512):
+    """ALiBi as plain SDPA for queries at the last Tq of Tk positions (FlexAttention for whole sequences
+    on CUDA). Softmax ignores a constant per row, so -slope_h (m - n) may become slope_h (n - m0) for any
+    m0 fixed per chunk of queries: one more coordinate, slope_h sqrt(D) on q and n - m0 on k. With m0 the
+    chunk's first position the added logits stay small where the weights are large (float32 at least)."""
     B, H, Tq, D = q.shape
-    check_budget(B * H * Tq * k.size(2), "RoPE")
-    return rotate(q, *rq) @ rotate(k, *rk).transpose(-2, -1) / math.sqrt(D)
-
-
-def rope_fast(q, k, rq, rk):  # RoFormer as SDPA: f(q, m), f(k, n)
-    return rotate(q, *rq), rotate(k, *rk)
+    Tk = k.size(-2)
+    if compiled_flex is not None and q.is_cuda and Tq == Tk and dropout_p == 0 and D >= 16:
+        return alibi_flex(q, k, v, slopes, row_scale)
+    work = torch.promote_types(q.dtype, torch.float32)  # positions are exact integers in float32
+    n = torch.arange(Tk, device=q.device, dtype=work)
+    out = []
+    for s in range(0, Tq, chunk):
+        e, m0 = min(s + chunk, Tq), Tk - Tq + s
+        end = m0 + e - s  # keys past the chunk's last query are masked anyway
+        qc = torch.cat((q[:, :, s:e].to(work), (slopes.to(work) * math.sqrt(D)).view(1, H, 1, 1).expand(B, H, e - s, 1)), -1)
+        kc = torch.cat((k[:, :, :end].to(work), (n[:end] - m0).view(1, 1, end, 1).expand(B, H, end, 1)), -1)
+        vc = F.pad(v[:, :, :end].to(work), (0, 1))  # q, k, v of one width keep SDPA on its fast kernels
+        if row_scale is not None:  # the whole row, bias included, as the naive path scales it
+            qc = qc * row_scale[..., s:e, :].to(work)
+        out.append(sdpa(qc, kc, vc, dropout_p, scale=1 / math.sqrt(D))[..., :-1].to(q.dtype))
+    return torch.cat(out, dim=2)
 
 
 NAIVE_SCORES = {"coca": coca_scores_naive, "coca-slack": slack_scores_naive, "rope": rope_scores_naive}
-FAST_QK = {"coca": coca_fast, "coca-slack": slack_fast, "rope": rope_fast}
+SDPA_QK = {"coca": coca_sdpa_qk, "coca-slack": slack_sdpa_qk, "rope": rope_sdpa_qk}
 
 
-def attention(variant, impl, q, t, v, rq, rk, dropout_p=0.0):
-    """One attention variant on (B, H, T, D) inputs; the naive and fast paths give the same output."""
+def attention(variant, impl, q, t, v, rot=None, slopes=None, row_scale=None, dropout_p=0.0, cache=None, layer=0):
+    """One attention variant on (B, H, T, D) inputs; naive and fast give the same output. With a cache
+    (fast only) this step's keys are stored in SDPA form and the queries attend to every key so far."""
+    if row_scale is not None:
+        row_scale = row_scale.to(q.dtype)
     if impl == "naive":
-        return naive_attend(NAIVE_SCORES[variant](q, t, rq, rk), v, dropout_p)
-    return sdpa(*FAST_QK[variant](q, t, rq, rk), v, dropout_p)
+        if cache is not None:
+            raise ValueError("the KV cache stores keys in SDPA form: use attn_impl='fast'")
+        scores = alibi_scores_naive(q, t, slopes) if variant == "alibi" else NAIVE_SCORES[variant](q, t, rot)
+        return naive_attend(scores if row_scale is None else scores * row_scale, v, dropout_p)
+    qs, ks = (q, t) if variant == "alibi" else SDPA_QK[variant](q, t, rot)
+    if cache is not None:
+        ks, v = cache.update(layer, ks, v)
+    if variant == "alibi":
+        return alibi_sdpa(qs, ks, v, slopes, row_scale, dropout_p)
+    return sdpa(qs if row_scale is None else qs * row_scale, ks, v, dropout_p)
 
 
 class KVCache:
-    """Per-layer keys in SDPA form (strict: K', slack: K'', rope: rotated K) and values, preallocated
-    to max_len. Those keys depend on their own token and position only, so they stay valid as the
-    sequence grows. The rotary tables are computed once for all max_len positions: dynamic NTK sizes its
-    base for max_len, the final length, so cached keys never go stale."""
+    """Keys in SDPA form (strict: K', slack: K'', rope: rotated k, alibi: k) and values of every layer,
+    preallocated to max_len, and the position of the next token. Those keys depend on their own token
+    and position only, so they stay valid as the sequence grows. The rotary rows are computed once for
+    all max_len positions: dynamic NTK sizes its base for max_len, so cached keys never go stale; logn
+    scales queries only, so it never touches them either."""
 
-    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, rope_scaling=None):
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, scaling=None):
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.rot = rotary_cos_sin(0, max_len, head_dim, config.rope_base, rope_scaling, config.block_size,
-                                  device=device, dtype=dtype)  # (max_len, D/2) each
+        self.scaling = parse_scaling(scaling)
+        self.rot = None if config.attention == "alibi" else rotary_cos_sin(
+            0, max_len, head_dim, config.rope_base, self.scaling, config.block_size, device=device, dtype=dtype)
         self.max_len, self.pos = max_len, 0
+
+    def next_positions(self, T):
+        """(first position, rotary rows or None) of the next T tokens; refuses to run past max_len."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions; {self.pos} used, {T} more asked")
+        return self.pos, None if self.rot is None else tuple(r[self.pos:self.pos + T] for r in self.rot)
 
     def update(self, layer, k, v):
         """Write k, v (B, H, T, D) at the current position; return all keys and values so far."""
@@ -220,6 +357,9 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T):
+        self.pos += T
 
 # -----------------------------------------------------------------------------------------------
 # The transformer.
@@ -231,24 +371,26 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.layer = config.n_head, layer
         self.variant, self.impl, self.dropout = config.attention, config.attn_impl, config.dropout
-        # q, v and, for CoCA, the T projection that takes the place of K (Eq. 5); for RoPE, k
+        # q, v and, for CoCA, the T projection that takes the place of K (Eq. 5); for RoPE and ALiBi, k
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.register_buffer("slopes", alibi_slopes(config.n_head) if config.attention == "alibi" else None,
+                             persistent=False)
+        # Scalable-Softmax: s starts at 1 / log(block_size), so a row at the end of a training window is
+        # scaled by exactly 1 at initialisation (ordinary attention there) and rows beyond it sharpen
+        self.ssmax = nn.Parameter(torch.full((config.n_head,), 1 / math.log(config.block_size))) \
+            if config.attn_scale == "ssmax" else None
 
-    def forward(self, x, rot, cache=None):
+    def forward(self, x, rot, log_m, row_scale=None, cache=None):
         B, T, C = x.size()
         q, t, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for z in self.c_attn(x).split(C, dim=2))  # (B, H, T, D) each
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
-            y = attention(self.variant, self.impl, q, t, v, rot, rot, dropout_p)
-        else:
-            if self.impl != "fast":
-                raise ValueError("the KV cache stores keys in SDPA form: use attn_impl='fast'")
-            qs, ks = FAST_QK[self.variant](q, t, rot, rot)
-            ks, vs = cache.update(self.layer, ks, v)
-            y = sdpa(qs, ks, vs, dropout_p)
+        if self.ssmax is not None:  # each row of logits times s_h * log(m + 1): (H, T, 1)
+            s = self.ssmax[:, None, None] * log_m.to(self.ssmax.dtype)
+            row_scale = s if row_scale is None else s * row_scale
+        y = attention(self.variant, self.impl, q, t, v, rot, self.slopes, row_scale,
+                      self.dropout if self.training else 0.0, cache, self.layer)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -274,8 +416,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rot, cache=None):
-        x = x + self.attn(self.ln_1(x), rot, cache)
+    def forward(self, x, rot, log_m, row_scale=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rot, log_m, row_scale, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -285,7 +427,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # no position table: rotary does it
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # no position table: rotary or ALiBi does it
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -308,23 +450,24 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx, cache=None, pos_offset=0, rope_scaling=None):
+    def hidden(self, idx, cache=None, pos_offset=0, scaling=None):
         """Final-layer-norm hidden states (B, T, C). With a cache, idx continues the cached sequence
-        (position and rope scaling come from the cache); else positions start at pos_offset."""
+        (position and scaling come from the cache); else positions start at pos_offset."""
         B, T = idx.size()
         cfg = self.config
         x = self.transformer.drop(self.transformer.wte(idx))
         if cache is not None:
-            if cache.pos + T > cache.max_len:
-                raise ValueError(f"cache holds {cache.max_len} positions; {cache.pos} used, {T} more asked")
-            rot = tuple(r[cache.pos:cache.pos + T] for r in cache.rot)
+            (start, rot), scaling = cache.next_positions(T), cache.scaling
         else:
-            rot = rotary_cos_sin(pos_offset, T, cfg.n_embd // cfg.n_head, cfg.rope_base, rope_scaling,
-                                 cfg.block_size, device=idx.device, dtype=x.dtype)
+            start, scaling = pos_offset, parse_scaling(scaling)
+            rot = None if cfg.attention == "alibi" else rotary_cos_sin(
+                start, T, cfg.n_embd // cfg.n_head, cfg.rope_base, scaling, cfg.block_size, idx.device, x.dtype)
+        log_m = log_key_count(start, T, idx.device)  # (T, 1), for logn and ssmax
+        row_scale = logn_scale(log_m, cfg.block_size) if scaling.logn else None
         for block in self.transformer.h:
-            x = block(x, rot, cache)
+            x = block(x, rot, log_m, row_scale, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, **kw):
@@ -335,9 +478,11 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with two groups: matrices (embeddings, linear weights) decay; vectors (norm weights,
+        biases, ssmax's s) do not, since shrinking a gain or an offset toward 0 is no regulariser."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay: norms, biases
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
@@ -346,30 +491,29 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops=989e12):
-        """Model FLOPs utilisation over peak_flops (default: H100 SXM dense bf16)."""
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOPs per second over the device's peak_flops."""
         return self.flops_per_token(self.config.block_size) * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, rope_scaling=None,
-                 prefill_chunk=1024, generator=None, on_token=None):
-        """Cached sampling: chunked prefill of idx (B, T), then one token at a time. temperature 0 is
-        greedy. on_token(tokens (B,)) is called as each token is chosen. Returns (B, T + new)."""
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, scaling=None,
+                        prefill_chunk=1024, generator=None):
+        """Yield each next token (B,) as it is chosen: chunked prefill of idx (B, T) into a cache sized
+        for T + max_new_tokens, then one token at a time. temperature 0 is greedy."""
         B, T = idx.shape
         p = next(self.parameters())
-        cache = KVCache(self.config, B, T + max_new_tokens, p.device, p.dtype, rope_scaling)
+        cache = KVCache(self.config, B, T + max_new_tokens, p.device, p.dtype, scaling)
         for s in range(0, T, prefill_chunk):
             h = self.hidden(idx[:, s:s + prefill_chunk], cache=cache)
-        out = [idx]
         for i in range(max_new_tokens):
-            logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            out.append(nxt[:, None])
-            if on_token is not None:
-                on_token(nxt)
+            nxt = sample_next(self.lm_head(h[:, -1]).float(), temperature, top_k, top_p, generator)
+            yield nxt
             if i + 1 < max_new_tokens:
                 h = self.hidden(nxt[:, None], cache=cache)
-        return torch.cat(out, dim=1)
+
+    def generate(self, idx, max_new_tokens, **kw):
+        """idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        return torch.cat([idx] + [t[:, None] for t in self.generate_stream(idx, max_new_tokens, **kw)], dim=1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -382,8 +526,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = F.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - F.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -16,7 +16,8 @@ from .errors import UserError
 # tiktoken's published SHA-256 of GPT-2's files (tiktoken_ext/openai_public.py)
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-TOKENIZERS = ("gpt2", "bytes")
+TOKENIZERS = ("bytes", "gpt2")
+VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}  # the classes below say the same; a test checks
 
 
 class ByteTokenizer:
@@ -78,4 +79,4 @@ def get_tokenizer(name):
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise UserError(f"tokenizer {name!r} is not one of {TOKENIZERS}")
+    raise UserError(f"tokenizer {name!r} is not one of {', '.join(TOKENIZERS)}")

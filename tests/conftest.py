@@ -14,7 +14,8 @@ settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("NANOCOCA_TEST_THREADS"):  # CI sets it; elsewhere torch uses the machine as it chooses
+    torch.set_num_threads(int(os.environ["NANOCOCA_TEST_THREADS"]))
 
 
 def pytest_configure(config):

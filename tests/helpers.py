@@ -1,4 +1,7 @@
 """Shared strategies and helpers for the tests."""
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -7,7 +10,7 @@ from dataclasses import asdict
 import torch
 from hypothesis import strategies as st
 
-from nanococa import checkpoint
+from nanococa import checkpoint, errors
 from nanococa.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,12 +40,26 @@ def tiny_gpt(attention="coca", attn_impl="fast", seed=0, dtype=torch.float32, **
     return GPT(GPTConfig(**cfg)).to(dtype).eval()
 
 
-def save_tiny_checkpoint(folder, **kw):
-    """A random-weight byte-level model saved as folder/ckpt.pt, as train.py would write it."""
-    model = tiny_gpt(vocab_size=257, **kw)
-    checkpoint.save({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": "bytes",
-                     "train_config": {"corpus": "shakespeare"}, "iter": 0}, os.path.join(folder, "ckpt.pt"))
+def save_tiny_checkpoint(folder, tokenizer="bytes", corpus="shakespeare", **kw):
+    """A random-weight model (bytes by default) saved as folder/ckpt.pt, as train.py would write it."""
+    model = tiny_gpt(**{"vocab_size": 257, **kw})
+    checkpoint.save({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tokenizer,
+                     "train_config": {"corpus": corpus}, "iter": 0}, os.path.join(folder, "ckpt.pt"))
     return model
+
+
+def run_main(script, *argv):
+    """A script's main(argv) through errors.run_script in this process, as `python script.py argv` would run it
+    but without a new interpreter: (exit status, stdout, stderr). An unexpected exception propagates."""
+    module = importlib.import_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            errors.run_script(module.main, [str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_script(*argv, timeout=300):

@@ -1,11 +1,14 @@
-"""Property tests of the attention paths in nanococa/model.py (the catalogue in shared/docs/coca.md)."""
+"""Property tests of the attention paths in nanococa/model.py (the catalogue in docs/coca.md)."""
+import math
+
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
 from helpers import TOL, attn_inputs, randn
-from nanococa.model import (ATTENTIONS, attention, coca_keys_literal, coca_scores_naive, rotary_cos_sin,
-                            rotate, slack_scores_naive, tau_of)
+from nanococa.model import (ATTENTIONS, alibi_flex, alibi_scores_naive, alibi_sdpa, alibi_slopes, attention,
+                            coca_keys_literal, coca_scores_naive, flex_attention, log_key_count, logn_scale,
+                            rotary_cos_sin, rotate, slack_scores_naive, tau_of)
 
 
 def rot_for(s, dtype, offset=None, train_len=64):
@@ -13,25 +16,98 @@ def rot_for(s, dtype, offset=None, train_len=64):
                           train_len=train_len, dtype=dtype)
 
 
+def row_scale_for(s, kind, dtype):
+    """None, one factor per query row (T, 1) as logn makes, or one per head and row (1, H, T, 1) as ssmax."""
+    g = torch.Generator().manual_seed(s["seed"] + 2)
+    if kind == "none":
+        return None
+    shape = (s["T"], 1) if kind == "row" else (1, s["H"], s["T"], 1)
+    return (0.2 + 2 * torch.rand(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("variant", ATTENTIONS)
-@given(s=attn_inputs())
-@example(s=dict(B=1, H=1, T=150, D=128, offset=100_000, seed=1, scaling=("dynamic", 4.0)))
-@example(s=dict(B=2, H=3, T=400, D=2, offset=99_999, seed=2, scaling=None))
-def test_naive_equals_fast_forward_and_gradients(variant, dtype, s):
+@given(s=attn_inputs(), scale=st.sampled_from(["none", "row", "head-row"]))
+@example(s=dict(B=1, H=1, T=150, D=128, offset=100_000, seed=1, scaling=("dynamic", 4.0)), scale="none")
+@example(s=dict(B=2, H=3, T=400, D=2, offset=99_999, seed=2, scaling=None), scale="head-row")
+def test_naive_equals_fast_forward_and_gradients(variant, dtype, s, scale):
     shape = (s["B"], s["H"], s["T"], s["D"])
-    rot = rot_for(s, dtype)
+    rot, slopes = rot_for(s, dtype), alibi_slopes(s["H"]).to(dtype)
+    row_scale = row_scale_for(s, scale, dtype)
     outs, grads = [], []
     w = randn(shape, s["seed"] + 1, dtype, n=1)[0]
     for impl in ("naive", "fast"):
         q, t, v = (x.requires_grad_() for x in randn(shape, s["seed"], dtype))
-        y = attention(variant, impl, q, t, v, rot, rot)
+        y = attention(variant, impl, q, t, v, rot, slopes, row_scale)
         (y * w).sum().backward()
         outs.append(y.detach())
         grads.append([q.grad, t.grad, v.grad])
     torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
     for name, a, b in zip("qtv", *grads):
         torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"grad wrt {name}: {m}")
+
+
+@given(s=attn_inputs(max_len=200), chunk=st.integers(1, 64), extra=st.integers(0, 40),
+       scale=st.sampled_from(["none", "row", "head-row"]))
+def test_alibi_chunked_path_equals_the_bias_matrix_for_queries_after_cached_keys(s, chunk, extra, scale):
+    """Queries at the last Tq of Tk positions (a cache holds `extra` earlier keys), any query chunking."""
+    Tq, Tk = s["T"], s["T"] + extra
+    q = randn((s["B"], s["H"], Tq, s["D"]), s["seed"], torch.float64, n=1)[0]
+    k, v = randn((s["B"], s["H"], Tk, s["D"]), s["seed"] + 1, torch.float64, n=2)
+    slopes = alibi_slopes(s["H"]).double()
+    row_scale = row_scale_for(s, scale, torch.float64)
+    got = alibi_sdpa(q, k, v, slopes, row_scale, chunk=chunk)
+    full_q = torch.cat((torch.zeros(s["B"], s["H"], extra, s["D"], dtype=torch.float64), q), dim=2)
+    scores = alibi_scores_naive(full_q, k, slopes)[:, :, extra:]  # the rows of the last Tq positions
+    if row_scale is not None:
+        scores = scores * row_scale
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=extra)
+    ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(flex_attention is None, reason="needs torch.nn.attention.flex_attention (torch >= 2.5)")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("scale", ["none", "head-row"])
+def test_alibi_flex_score_mod_equals_the_bias_matrix(scale):
+    """The FlexAttention form (run eagerly here; compiled on CUDA in test_gpu.py) builds the same bias."""
+    s = dict(B=2, H=6, T=200, D=16, seed=3)
+    q, k, v = randn((2, 6, 200, 16), 3, torch.float64)
+    slopes = alibi_slopes(6).double()
+    row_scale = row_scale_for(s, scale, torch.float64)
+    got = alibi_flex(q, k, v, slopes, row_scale, kernel=flex_attention)
+    torch.testing.assert_close(got, attention("alibi", "naive", q, k, v, None, slopes, row_scale), rtol=1e-10, atol=1e-10)
+
+
+def test_alibi_slopes_follow_the_paper():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    # not a power of two: the 4-head slopes, then every other slope of the 8-head sequence
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]))
+    assert alibi_slopes(1).tolist() == [2.0 ** -8]
+
+
+@pytest.mark.parametrize("impl", ["naive", "fast"])
+def test_alibi_weights_decay_geometrically_with_distance(impl):
+    """With q = 0 the content term vanishes, so key n gets weight proportional to exp(-slope (m - n)):
+    each step back multiplies it by exp(-slope). Catches a flipped sign or a misplaced slope in either path."""
+    H, T = 4, 12
+    q = torch.zeros(1, H, T, 8, dtype=torch.float64)
+    k = torch.randn(1, H, T, 8, dtype=torch.float64)
+    v = torch.eye(T, dtype=torch.float64).expand(1, H, T, T)  # the output row is the attention row
+    slopes = alibi_slopes(H).double()
+    att = attention("alibi", impl, q, k, v, None, slopes)
+    m = T - 1
+    ratio = att[0, :, m, 1:] / att[0, :, m, :-1]  # weight of key n+1 over key n
+    torch.testing.assert_close(ratio, torch.exp(slopes)[:, None].expand(H, T - 1))
+    assert torch.allclose(att[0, :, 3, 4:], torch.zeros(H, T - 4, dtype=torch.float64))  # causal
+
+
+def test_logn_is_one_inside_the_training_window_and_log_ratio_beyond():
+    log_m = log_key_count(0, 4096)
+    scale = logn_scale(log_m, 512)[:, 0]
+    assert torch.equal(scale[:512], torch.ones(512, dtype=torch.float64))
+    torch.testing.assert_close(scale[4095], torch.tensor(math.log(4096) / math.log(512), dtype=torch.float64))
+    assert (scale[512:].diff() > 0).all()
 
 
 @given(s=attn_inputs(), data=st.data())
@@ -42,15 +118,14 @@ def test_theorem1_slack_equals_strict_under_constraint(s, data):
     q = torch.cat((half, half), dim=-1)
     t = randn(q.shape, s["seed"] + 7, torch.float64, n=1)[0]
     rot = rot_for(s, torch.float64)
-    torch.testing.assert_close(slack_scores_naive(q, t, rot, rot), coca_scores_naive(q, t, rot, rot),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(slack_scores_naive(q, t, rot), coca_scores_naive(q, t, rot), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_theorem1_slack_differs_from_strict_on_generic_queries(seed):
     q, t = randn((1, 2, 16, 8), seed, torch.float64, n=2)
     rot = rotary_cos_sin(0, 16, 8, dtype=torch.float64)
-    gap = (slack_scores_naive(q, t, rot, rot) - coca_scores_naive(q, t, rot, rot)).abs().max()
+    gap = (slack_scores_naive(q, t, rot) - coca_scores_naive(q, t, rot)).abs().max()
     assert gap > 0.1, f"slack and strict scores differ by only {gap}"
 
 
@@ -62,15 +137,15 @@ def test_shift_invariance_of_strict_and_rope(variant, impl, s, shift):
     q, t, v = randn(shape, s["seed"], torch.float64)
     r0 = rotary_cos_sin(s["offset"], s["T"], s["D"], dtype=torch.float64)
     r1 = rotary_cos_sin(s["offset"] + shift, s["T"], s["D"], dtype=torch.float64)
-    torch.testing.assert_close(attention(variant, impl, q, t, v, r0, r0),
-                               attention(variant, impl, q, t, v, r1, r1), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(attention(variant, impl, q, t, v, r0), attention(variant, impl, q, t, v, r1),
+                               rtol=1e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize("shift", [1, 17, 500, 12_345])
 def test_slack_is_not_shift_invariant(shift):
     q, t = randn((1, 2, 16, 8), 3, torch.float64, n=2)
     r0, r1 = rotary_cos_sin(0, 16, 8, dtype=torch.float64), rotary_cos_sin(shift, 16, 8, dtype=torch.float64)
-    gap = (slack_scores_naive(q, t, r0, r0) - slack_scores_naive(q, t, r1, r1)).abs().max()
+    gap = (slack_scores_naive(q, t, r0) - slack_scores_naive(q, t, r1)).abs().max()
     assert gap > 0.05, f"slack scores moved by only {gap} under a shift of {shift}"
 
 
@@ -97,7 +172,7 @@ def test_strict_score_is_a_cosine_of_the_distance(s):
     e = q1 * q1 + q2 * q2
     cos_mn = cos[:, None] * cos[None] + sin[:, None] * sin[None]  # (Tq, Tk, D/2)
     expected = (e[:, :, :, None, :] * tau_of(t)[:, :, None, :, :] * cos_mn).sum(-1) / s["D"] ** 0.5
-    torch.testing.assert_close(coca_scores_naive(q, t, rot, rot), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(coca_scores_naive(q, t, rot), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_rotation_preserves_norm_and_composes():

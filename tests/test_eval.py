@@ -1,12 +1,13 @@
 """eval_length: same targets at every length, a known perplexity, the passkey builder, the output files."""
 import csv
 import json
+import math
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from helpers import run_script, save_tiny_checkpoint, tiny_gpt
+from helpers import run_main, run_script, save_tiny_checkpoint, tiny_gpt
 from nanococa import evaluate
 from nanococa.data import Split, prepare
 from nanococa.errors import UserError
@@ -28,7 +29,7 @@ def test_same_targets_protocol_scores_identical_ids_at_every_length(split):
     model = tiny_gpt(vocab_size=257)
     windows = evaluate.pick_windows(split, 1024, 64, 5)
     assert len(windows) == 5 and all(e >= 1025 for _, e in windows)
-    scored = [evaluate.same_targets_perplexity(model, split, windows, n, 64)[1] for n in (64, 100, 512, 1024)]
+    scored = [evaluate.same_targets_perplexity(model, split, windows, n, 64)[2] for n in (64, 100, 512, 1024)]
     assert all(s == scored[0] for s in scored)
     doc = split.document(0).tolist()
     assert scored[0] == [doc[e - 64:e] for _, e in windows]
@@ -38,10 +39,29 @@ def test_constant_logits_give_perplexity_equal_to_the_vocabulary(split):
     model = tiny_gpt(vocab_size=257)
     model.lm_head.weight.data.zero_()  # tied: every logit is 0
     windows = evaluate.pick_windows(split, 256, 32, 3)
-    ppl, _ = evaluate.same_targets_perplexity(model, split, windows, 256, 32)
-    assert ppl == pytest.approx(257, rel=1e-5)
-    ppl, count = evaluate.sliding_perplexity(model, split, [0], 200, 1000, stride=64)
+    ppl, units, _ = evaluate.same_targets_perplexity(model, split, windows, 256, 32)
+    assert ppl == pytest.approx(257, rel=1e-5) and units == pytest.approx([math.log(257)] * 3)
+    ppl, units, count = evaluate.sliding_perplexity(model, split, [0], 200, 1000, stride=64)
     assert ppl == pytest.approx(257, rel=1e-5) and count == 1000  # every token scored once
+    assert evaluate.bootstrap_interval(units * 2) == pytest.approx((257, 257))
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_windows():
+    rng = torch.Generator().manual_seed(0)
+    few = (1.5 + 0.3 * torch.randn(6, generator=rng)).tolist()
+    many = (1.5 + 0.3 * torch.randn(96, generator=rng)).tolist()
+    for units in (few, many):
+        lo, hi = evaluate.bootstrap_interval(units)
+        assert lo < math.exp(sum(units) / len(units)) < hi
+    assert (lambda a, b: a[1] - a[0] > b[1] - b[0])(evaluate.bootstrap_interval(few), evaluate.bootstrap_interval(many))
+    assert evaluate.bootstrap_interval([1.0]) == (None, None)  # one unit: no interval, not a zero-width one
+
+
+def test_wilson_interval():
+    lo, hi = evaluate.wilson_interval(0, 20)
+    assert lo == 0 and 0.1 < hi < 0.2
+    lo, hi = evaluate.wilson_interval(10, 20)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * (0.5 - lo))
 
 
 def test_a_length_beyond_the_longest_document_names_it(split):
@@ -71,25 +91,69 @@ def test_gpt2_passkey_is_exactly_the_length_asked():
 
 
 def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
-    save_tiny_checkpoint(tmp_path / "ckpt", block_size=64)
-    out = run_script("eval_length.py", "--ckpt", tmp_path / "ckpt", "--lengths", "64,128,256", "--target=32",
-                     "--windows=2", "--passkey-trials=1", f"--out-dir={tmp_path / 'res'}", f"--data-dir={tmp_path / 'data'}")
+    save_tiny_checkpoint(tmp_path / "coca", block_size=64)
+    save_tiny_checkpoint(tmp_path / "alibi", block_size=64, attention="alibi")
+    out = run_script("eval_length.py", "--ckpt", tmp_path / "coca", tmp_path / "alibi", "--lengths", "64,128,256",
+                     "--target=32", "--windows=3", "--passkey-trials=1", "--scalings=none,dynamic:4+logn,logn",
+                     f"--out-dir={tmp_path / 'res'}", f"--data-dir={tmp_path / 'data'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| model | 64 | 128 | 256 |" in out.stdout
     res = json.load(open(tmp_path / "res" / "results.json"))
-    assert tuple(res["columns"]) == evaluate.COLUMNS and len(res["results"]) == 6  # 2 scalings x 3 lengths
+    assert tuple(res["columns"]) == evaluate.COLUMNS and len(res["results"]) == 18  # 2 models x 3 scalings x 3 lengths
     with open(tmp_path / "res" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == evaluate.COLUMNS and len(rows) == 6
-    assert {r["scaling"] for r in rows} == {"none", "dynamic:4"}
+    assert tuple(rows[0]) == evaluate.COLUMNS and len(rows) == 18
+    assert {r["scaling"] for r in rows} == {"none", "dynamic:4+logn", "logn"}
+    for r in res["results"]:  # every cell: its windows, and an interval around the value
+        assert r["units"] == 3 and len(r["unit_nll"]) == 3
+        assert r["perplexity_lo"] <= r["perplexity"] <= r["perplexity_hi"]
+        assert r["perplexity"] == pytest.approx(math.exp(sum(r["unit_nll"]) / 3))
+    # a passkey too long for the length says so instead of leaving a blank
+    short = [r for r in res["results"] if r["length"] == 64]
+    assert all(r["passkey_accuracy"] is None and "passkey needs at least" in r["note"] for r in short)
+    assert "passkey needs at least" in out.stdout
+    # ALiBi has no rotary: dynamic:4+logn is logn there, reported as such, not computed twice
+    alibi = {r["scaling"]: r for r in res["results"] if r["attention"] == "alibi" and r["length"] == 256}
+    assert alibi["dynamic:4+logn"]["perplexity"] == alibi["logn"]["perplexity"]
+    assert "no rotary" in (alibi["dynamic:4+logn"]["note"] or alibi["logn"]["note"])
+
+
+def test_curves_plot_reads_training_logs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"event": "start", "iter": 0, "config": {"attention": "coca", "seed": 1}}]
+    records += [{"event": "eval", "iter": i, "val_loss": 1.0, "ppl_at_length": {"512": 5.0 - i / 100, "2048": 7.0}}
+                for i in (100, 200)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = run_script("eval_length.py", "--curves", run, f"--out-dir={tmp_path / 'res'}")
+    assert out.returncode == 0, out.stderr
+    assert "step 200" in out.stdout and "ppl@2,048 7.00" in out.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "log.jsonl").write_text(json.dumps(records[0]) + "\n")
+    code, _, err = run_main("eval_length", "--curves", empty, f"--out-dir={tmp_path / 'res'}")
+    assert code == 2 and "--eval_lengths" in err
+
+
+def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
+    save_tiny_checkpoint(tmp_path / "a")
+    save_tiny_checkpoint(tmp_path / "b", tokenizer="gpt2", vocab_size=50304)
+    code, _, err = run_main("eval_length", "--ckpt", tmp_path / "a", tmp_path / "b", f"--out-dir={tmp_path / 'res'}")
+    assert code == 2 and "different tokenizers" in err
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--ckpt", "/no/such/ckpt"], ["no checkpoint"]),
-    (["--scalings", "yarn:2"], ["scaling"]),
+    (["--scalings", "yarn:2"], ["scaling", "yarn"]),
+    (["--scalings", "dynamic:4+dynamic:2"], ["dynamic"]),
+    (["--scalings", "dynamic:nan"], ["finite"]),
+    (["--scalings", "none,none"], ["twice"]),
     (["--lengths", "512,abc"], ["lengths"]),
+    (["--out-dir", "/proc/no-such-place"], ["--out-dir", "cannot be written"]),
+    (["--device", "bogus"], ["--device", "bogus"]),
+    (["--device", "mps"], ["mps"]),
 ])
 def test_eval_length_script_clear_errors(argv, words):
-    out = run_script("eval_length.py", *argv)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert all(w in out.stderr for w in words), out.stderr
+    code, _, err = run_main("eval_length", *argv)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert all(w in err for w in words), err

@@ -1,16 +1,23 @@
 """Whole-model properties: config checks, causality, naive == fast for the GPT, the naive budget, memory."""
 import json
+import math
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 from helpers import run_script, tiny_gpt
-from nanococa.model import ATTENTIONS, GPTConfig, attention, parse_scaling, rotary_cos_sin
+from nanococa.model import ATTENTIONS, GPTConfig, Scaling, attention, parse_scaling, rotary_cos_sin
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(attention="alibi"), ["alibi", "coca-slack"]),
+    (dict(attention="xpos"), ["xpos", "coca-slack", "alibi"]),
+    (dict(attn_scale="logn"), ["attn_scale", "ssmax"]),
+    (dict(rope_base=float("inf")), ["rope_base", "finite"]),
+    (dict(rope_base=float("nan")), ["rope_base"]),
+    (dict(dropout=float("nan")), ["dropout"]),
+    (dict(bias="yes"), ["bias"]),
+    (dict(n_layer=2.0), ["n_layer"]),
     (dict(attn_impl="flash"), ["flash", "naive"]),
     (dict(n_embd=30, n_head=2), ["odd", "15"]),
     (dict(n_embd=30, n_head=4), ["divisible"]),
@@ -24,16 +31,33 @@ def test_bad_config_is_refused_by_name(kw, words):
         assert w in str(e.value)
 
 
-@pytest.mark.parametrize("bad", ["ntk:4", "dynamic:x", "linear:0.5", ("yarn", 2.0)])
-def test_bad_rope_scaling_is_refused(bad):
-    with pytest.raises(ValueError, match="rope scaling"):
+@pytest.mark.parametrize("bad, words", [
+    ("ntk:4", ["ntk:4", "logn"]), ("dynamic:x", ["not a number"]), ("linear:0.5", ["at least 1"]),
+    (("yarn", 2.0), ["yarn"]), ("dynamic:inf", ["finite"]), ("dynamic:nan", ["finite"]),
+    ("dynamic:4+dynamic:2", ["dynamic"]), ("dynamic:4+linear:2", ["rope scaling"]), ("logn+logn", ["logn"]),
+    ("logn:2", ["logn:2"]), ("", ["''"]), ("dynamic", ["dynamic"]),
+])
+def test_bad_scaling_is_refused_by_name(bad, words):
+    with pytest.raises(ValueError) as e:
         parse_scaling(bad)
+    assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_parse_scaling_forms():
-    assert parse_scaling(None) is None and parse_scaling("none") is None
-    assert parse_scaling("dynamic:4") == ("dynamic", 4.0) == parse_scaling(("dynamic", 4))
-    assert parse_scaling("linear:8") == ("linear", 8.0)
+    assert parse_scaling(None) == parse_scaling("none") == Scaling(None, False)
+    assert parse_scaling("dynamic:4") == Scaling(("dynamic", 4.0), False) == parse_scaling(("dynamic", 4))
+    assert parse_scaling("linear:8").rope == ("linear", 8.0)
+    assert parse_scaling("dynamic:4+logn") == Scaling(("dynamic", 4.0), True) == parse_scaling(" logn + dynamic:4 ")
+    assert parse_scaling("logn") == Scaling(None, True) == parse_scaling("none+logn")
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
+def test_logn_changes_nothing_within_the_training_length_and_something_beyond(variant):
+    model = tiny_gpt(variant, dtype=torch.float64, block_size=16)
+    idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(0))
+    plain, logn = model(idx)[0], model(idx, scaling="logn")[0]
+    assert torch.equal(plain[:, :16], logn[:, :16])
+    assert not torch.allclose(plain[:, 17:], logn[:, 17:])
 
 
 def test_dynamic_ntk_changes_nothing_within_the_training_length():
@@ -63,15 +87,17 @@ def test_gpt_is_causal(variant, T, i, seed):
     torch.testing.assert_close(a[:, :i + 1], b[:, :i + 1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("attn_scale", ["none", "ssmax"])
 @pytest.mark.parametrize("variant", ATTENTIONS)
-@given(T=st.integers(1, 48), seed=st.integers(0, 1000), offset=st.integers(0, 5000))
-def test_gpt_naive_equals_fast_loss_and_gradients(variant, T, seed, offset):
+@given(T=st.integers(1, 48), seed=st.integers(0, 1000), offset=st.integers(0, 5000),
+       scaling=st.sampled_from(["none", "logn", "dynamic:4+logn"]))
+def test_gpt_naive_equals_fast_loss_and_gradients(variant, attn_scale, T, seed, offset, scaling):
     g = torch.Generator().manual_seed(seed)
     idx, targets = torch.randint(0, 61, (2, T), generator=g), torch.randint(0, 61, (2, T), generator=g)
     results = []
     for impl in ("naive", "fast"):
-        model = tiny_gpt(variant, impl, seed=seed, dtype=torch.float64)
-        _, loss = model(idx, targets, pos_offset=offset)
+        model = tiny_gpt(variant, impl, seed=seed, dtype=torch.float64, attn_scale=attn_scale, block_size=16)
+        _, loss = model(idx, targets, pos_offset=offset, scaling=scaling)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-10)
@@ -84,7 +110,28 @@ def test_naive_path_refuses_beyond_its_budget(variant):
     q = torch.zeros(1, 1, 1, 1, 64).expand(64, 16, 1, 1024, 64)[:, :, 0]  # (64, 16, 1024, 64), no memory
     rot = rotary_cos_sin(0, 1024, 64)
     with pytest.raises(RuntimeError, match="attn_impl='fast'"):
-        attention(variant, "naive", q, q, q, rot, rot)
+        attention(variant, "naive", q, q, q, rot, torch.ones(16))
+
+
+@pytest.mark.parametrize("variant", ["coca", "rope", "alibi"])
+@given(T=st.integers(1, 40), shift=st.integers(1, 100_000), seed=st.integers(0, 1000))
+def test_gpt_output_is_invariant_to_shifting_every_position(variant, T, shift, seed):
+    """Strict CoCA, RoPE and ALiBi depend on m - n only (Slack does not: test_attention.py shows it)."""
+    model = tiny_gpt(variant, dtype=torch.float64)
+    idx = torch.randint(0, 61, (2, T), generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(model(idx)[0], model(idx, pos_offset=shift)[0], rtol=1e-8, atol=1e-8)
+
+
+def test_ssmax_starts_at_one_over_log_block_size_and_learns():
+    model = tiny_gpt("coca", attn_scale="ssmax", block_size=32)
+    s = model.transformer.h[0].attn.ssmax
+    torch.testing.assert_close(s, torch.full((2,), 1 / math.log(32)))
+    idx = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(idx, idx)[1].backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[1]["params"]
+    assert any(p is s for p in no_decay)  # a per-head gain, not a weight matrix: no weight decay
 
 
 def test_loss_without_targets_is_none_and_logits_cover_every_position():

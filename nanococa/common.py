@@ -1,0 +1,114 @@
+"""What every script shares and the training loop does not own: device and dtype resolution, the
+allowed dtypes, a GPU's peak FLOPs for MFU, the lengths grammar (512,1K,2K), time formatting, and
+an advisory file lock (one writer per output folder or data cache)."""
+import contextlib
+import os
+import re
+
+import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs are then the user's care
+    fcntl = None
+
+from .errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+# Dense bf16 tensor-core peak (FLOP/s) of the GPUs we can name exactly. Anything else gets no MFU
+# figure: a guessed peak would print a wrong number with a straight face.
+PEAK_BF16_FLOPS = (
+    (r"H100.*(PCIe)", 756e12),
+    (r"H100.*NVL", 835e12),
+    (r"H100.*(SXM|HBM3)", 989e12),
+    (r"H200.*NVL", 835e12),
+    (r"\bH200\b", 989e12),
+    (r"\bA100\b", 312e12),
+    (r"\bL4\b", 121e12),
+    (r"RTX 4090", 165e12),
+)
+
+
+def resolve_device(name, local_rank=0):
+    """"auto" -> cuda:<local_rank>, else mps, else cpu; an unavailable or unknown device is a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank}"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device=mps: the Apple GPU backend is not available here; use --device=cpu")
+        return name
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
+        index = int(name[5:]) if ":" in name else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return f"cuda:{index}"
+    raise UserError(f"--device={name!r} is not one of {DEVICES}")
+
+
+def resolve_dtype(name, device):
+    """"auto" is bf16 on CUDA and float32 elsewhere; any other name of DTYPES is taken as given."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype={name!r} is not one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the CUDA device, or None where it is not a GPU we know exactly."""
+    if not device.startswith("cuda"):
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
+
+
+def gpu_peak_flops(gpu_name):
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, gpu_name)), None)
+
+
+def parse_lengths(text):
+    """"512,1K,2K" -> [512, 1024, 2048] (sorted, unique); K means 1024. ValueError names what is wrong."""
+    try:
+        values = [int(x[:-1]) * 1024 if x[-1] in "kK" else int(x) for x in map(str.strip, text.split(",")) if x]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of lengths (e.g. 512,1K,2K)") from None
+    if not values or min(values) < 2:
+        raise ValueError(f"{text!r}: lengths must be at least 2")
+    return sorted(set(values))
+
+
+def fmt_time(s):
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+@contextlib.contextmanager
+def file_lock(path, wait=True, busy_message=None, log=None):
+    """Hold an exclusive advisory lock on the file `path` (created if needed) for the block. The lock
+    dies with its process, so a killed run never leaves it held. wait=False: a lock already held by
+    another process is a UserError(busy_message) instead of a wait."""
+    if fcntl is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise UserError(busy_message or f"{path} is locked by another process") from None
+            if log:
+                log(f"waiting for another process that holds {path} ...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
