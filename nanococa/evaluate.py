@@ -230,44 +230,71 @@ def log_y_axis(ax):
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def run_styles(runs):
+    """{(method, run): (colour, line style)}: one colour per method, a line style per run of that method."""
+    colours, styles = {}, {}
+    for m, run in dict.fromkeys(runs):
+        colours.setdefault(m, f"C{len(colours) % 10}")
+        k = sum(1 for mm, _ in styles if mm == m)
+        styles[(m, run)] = (colours[m], ["-", "--", ":", "-."][k % 4])
+    return styles
+
+
 def plot_results(rows, meta, path, log=print):
-    """Perplexity against length, one line per (checkpoint, scaling) with its 95% band; passkey beside it."""
+    """Perplexity against length, one panel per scaling, one line per checkpoint with its 95% band
+    (a colour per method, a line style per checkpoint); passkey accuracy in a last panel."""
     plt = pyplot(log)
     if plt is None:
         return
+    rows = [r for r in rows if r.get("perplexity") is not None or r.get("passkey_accuracy") is not None]
+    scalings = list(dict.fromkeys(r["scaling"] for r in rows))
+    styles = run_styles((method(r), r["checkpoint"]) for r in rows)
     has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_passkey else 1, figsize=(14 if has_passkey else 8, 5), squeeze=False)
-    for lab in dict.fromkeys(row_label(r) for r in rows):
-        mine = sorted((r for r in rows if row_label(r) == lab and r.get("perplexity") is not None),
-                      key=lambda r: r["length"])
-        if not mine:
-            continue
-        style = "--" if mine[0]["attention"] == "rope" else ":" if mine[0]["attention"] == "alibi" else "-"
-        n = [r["length"] for r in mine]
-        line, = axes[0][0].plot(n, [r["perplexity"] for r in mine], style, marker="o", ms=3, label=lab)
-        if all(r.get("perplexity_lo") is not None for r in mine):
-            axes[0][0].fill_between(n, [r["perplexity_lo"] for r in mine], [r["perplexity_hi"] for r in mine],
-                                    color=line.get_color(), alpha=0.15, lw=0)
-        pk = [r for r in mine if r.get("passkey_accuracy") is not None]
-        if has_passkey and pk:
+    panels = len(scalings) + has_passkey
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels + 1, 4.6), squeeze=False)
+    ppl_axes = axes[0][:len(scalings)]
+    for ax, scaling in zip(ppl_axes, scalings):
+        for (m, ckpt), (colour, style) in styles.items():
+            mine = sorted((r for r in rows if r["checkpoint"] == ckpt and r["scaling"] == scaling
+                           and r.get("perplexity") is not None), key=lambda r: r["length"])
+            if not mine:
+                continue
+            n = [r["length"] for r in mine]
+            ax.plot(n, [r["perplexity"] for r in mine], style, color=colour, marker="o", ms=3, label=f"{ckpt} ({m})")
+            if all(r.get("perplexity_lo") is not None for r in mine):
+                ax.fill_between(n, [r["perplexity_lo"] for r in mine], [r["perplexity_hi"] for r in mine],
+                                color=colour, alpha=0.12, lw=0)
+        ax.set(xlabel="context length (tokens)", title=f"scaling: {scaling}")
+        ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
+    ppl_axes[0].set_ylabel(f"perplexity, {meta.get('protocol')} (95% band)")
+    if has_passkey:
+        ax = axes[0][-1]
+        for r0 in dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows):
+            pk = sorted((r for r in rows if (r["checkpoint"], r["scaling"]) == r0
+                         and r.get("passkey_accuracy") is not None), key=lambda r: r["length"])
+            if not pk:
+                continue
+            colour, style = styles[(method(pk[0]), r0[0])]
             acc = [r["passkey_accuracy"] for r in pk]
             err = [[a - (r["passkey_lo"] or a) for a, r in zip(acc, pk)], [(r["passkey_hi"] or a) - a for a, r in zip(acc, pk)]]
-            axes[0][1].errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, marker="o", ms=3, capsize=2,
-                                color=line.get_color(), label=lab)
+            ax.errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, color=colour, marker="o", ms=3,
+                        capsize=2, label=f"{r0[0]} ({r0[1]})")
+        ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
+               title="passkey retrieval")
+        ax.legend(fontsize=6)
     lengths = sorted({r["length"] for r in rows})
-    ax = axes[0][0]
-    ax.set(xlabel="context length (tokens)", ylabel="perplexity (95% band over windows)",
-           title=f"perplexity vs context ({meta.get('protocol')}, trained at {meta.get('train_len')})")
-    log_y_axis(ax)
-    ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=6)
-    if has_passkey:
-        axes[0][1].set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
-                       title="passkey retrieval")
-    for a in axes[0]:
-        length_axis(a, lengths)
+    top = max((r.get("perplexity_hi") or r.get("perplexity") or 0) for r in rows)
+    low = min((r.get("perplexity_lo") or r.get("perplexity") or top) for r in rows)
+    for ax in ppl_axes:
+        log_y_axis(ax)
+        ax.set_ylim(low / 1.1, top * 1.1)  # one scale for every panel, so they compare at a glance
+    for ax in axes[0]:
+        length_axis(ax, lengths)
+    ppl_axes[0].legend(fontsize=6)
+    fig.suptitle(f"trained at {meta.get('train_len')}; the same target tokens at every length" if
+                 meta.get("protocol") == "same-targets" else f"trained at {meta.get('train_len')}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -286,7 +313,7 @@ def read_length_curves(run_dir):
     start = next((r for r in records if r.get("event") == "start"), {}).get("config", {})
     label = f"{run_dir} ({start.get('attention', '?')}{'+ssmax' if start.get('attn_scale') == 'ssmax' else ''}, " \
             f"seed {start.get('seed', '?')})"
-    return label, start.get("attention"), points
+    return label, start.get("attention", "?") + ("+ssmax" if start.get("attn_scale") == "ssmax" else ""), points
 
 
 def plot_training_curves(run_dirs, path, log=print):
@@ -298,17 +325,13 @@ def plot_training_curves(run_dirs, path, log=print):
         return runs
     lengths = sorted({n for _, _, pts in runs for _, ppl in pts for n in ppl})
     fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.2 * (len(lengths) + 1), 4.2), squeeze=False)
-    colors = {}
-    for label, attention, pts in runs:
-        style = "--" if attention == "rope" else ":" if attention == "alibi" else "-"
-        kw = dict(ls=style, marker="o", ms=2, label=label)
-        if attention in colors:
-            kw["color"] = colors[attention]
+    styles = run_styles((m, label) for label, m, _ in runs)
+    for label, m, pts in runs:
+        colour, style = styles[(m, label)]
+        kw = dict(ls=style, color=colour, marker="o", ms=2, label=label)
         for ax, n in zip(axes[0], lengths):
             xs = [(i, p[n]) for i, p in pts if n in p]
-            line, = ax.plot([x for x, _ in xs], [y for _, y in xs], **kw)
-            colors.setdefault(attention, line.get_color())
-            kw["color"] = colors[attention]
+            ax.plot([x for x, _ in xs], [y for _, y in xs], **kw)
         ratio = [(i, p[lengths[-1]] / p[lengths[0]]) for i, p in pts if lengths[0] in p and lengths[-1] in p]
         axes[0][-1].plot([x for x, _ in ratio], [y for _, y in ratio], **kw)
     for ax, n in zip(axes[0], lengths):

@@ -287,6 +287,7 @@ def train_locked(cfg, procs, say):
             f"windows x {min(lengths + [512])} targets")
     record(event="start", iter=iter_num, config=dataclasses.asdict(cfg), params=raw_model.num_params(),
            world=procs.world, init_from=state.get("source"))
+
     def evaluate_and_save():
         t_eval = time.time()
         losses = estimate_losses(model, splits, cfg, procs)
