@@ -230,13 +230,17 @@ def log_y_axis(ax):
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+METHODS = ["coca", "rope", "alibi", "coca-slack", "coca+ssmax", "rope+ssmax", "alibi+ssmax", "coca-slack+ssmax"]
+
+
 def run_styles(runs):
-    """{(method, run): (colour, line style)}: one colour per method, a line style per run of that method."""
-    colours, styles = {}, {}
+    """{(method, run): (colour, line style)}: one colour per method (the same in every plot), a line
+    style per run of that method."""
+    styles = {}
     for m, run in dict.fromkeys(runs):
-        colours.setdefault(m, f"C{len(colours) % 10}")
+        colour = f"C{METHODS.index(m)}" if m in METHODS else "k"
         k = sum(1 for mm, _ in styles if mm == m)
-        styles[(m, run)] = (colours[m], ["-", "--", ":", "-."][k % 4])
+        styles[(m, run)] = (colour, ["-", "--", ":", "-."][k % 4])
     return styles
 
 
