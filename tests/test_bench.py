@@ -23,4 +23,4 @@ def test_quick_bench_writes_its_json_schema(tmp_path):
     for r in res["generate"]:
         assert {"prefill_s", "decode_tokens_per_s", "bound_tokens_per_s", "fraction_of_bound", "decode_ratio"} <= set(r)
     assert "| path | N |" in out.stdout
-    assert "--quick sets lengths=128,256,512, heads=2" in out.stdout
+    assert "--quick sets lengths=128,256,512, heads=4" in out.stdout
