@@ -17,7 +17,7 @@ import time
 import torch
 
 from nanococa.checkpoint import load_model
-from nanococa.common import DTYPES, resolve_device, resolve_dtype
+from nanococa.common import DTYPES, method_name, resolve_device, resolve_dtype
 from nanococa.data import Split, prepare
 from nanococa.errors import ArgumentParser, UserError, run_script
 from nanococa.model import parse_scaling
@@ -116,7 +116,7 @@ def main(argv):
         raise UserError(f"prompt ({len(ids):,} tokens) + --max-new-tokens ({args.max_new_tokens:,}) = {total:,} "
                         f"exceeds --max-context={args.max_context:,}")
     cfg = model.config
-    print(f"# {args.ckpt}: {cfg.attention}{'+ssmax' if cfg.attn_scale == 'ssmax' else ''}, "
+    print(f"# {args.ckpt}: {method_name(cfg.attention, cfg.attn_scale)}, "
           f"{model.num_params() / 1e6:.2f}M parameters, trained at {cfg.block_size} (iter {ckpt.get('iter', '?')}); "
           f"prompt {len(ids):,} tokens, scaling {args.scaling}; {device} {dtype}", file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -1,6 +1,6 @@
 """What every script shares and the training loop does not own: device and dtype resolution, the
-allowed dtypes, a GPU's peak FLOPs for MFU, the lengths grammar (512,1K,2K), time formatting, and
-an advisory file lock (one writer per output folder or data cache)."""
+allowed dtypes, a GPU's peak FLOPs for MFU, the lengths grammar (512,1K,2K), time formatting, a
+method's display name, and an advisory file lock (one writer per output folder or data cache)."""
 import contextlib
 import os
 import re
@@ -112,3 +112,8 @@ def file_lock(path, wait=True, busy_message=None, log=None):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def method_name(attention, attn_scale):
+    """How a model's attention is named in logs, tables and plots: "coca", "rope+ssmax", ..."""
+    return attention + ("+ssmax" if attn_scale == "ssmax" else "")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common import method_name
 from .errors import UserError
 
 PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -161,7 +162,7 @@ COLUMNS = ("checkpoint", "attention", "attn_scale", "corpus", "tokenizer", "scal
 
 
 def method(r):
-    return r["attention"] + ("+ssmax" if r.get("attn_scale", "none") == "ssmax" else "")
+    return method_name(r["attention"], r.get("attn_scale"))
 
 
 def row_label(r):
@@ -315,9 +316,8 @@ def read_length_curves(run_dir):
     if not points:
         raise UserError(f"--curves: {path} has no tracked perplexities; train with --eval_lengths=512,2K,8K")
     start = next((r for r in records if r.get("event") == "start"), {}).get("config", {})
-    label = f"{run_dir} ({start.get('attention', '?')}{'+ssmax' if start.get('attn_scale') == 'ssmax' else ''}, " \
-            f"seed {start.get('seed', '?')})"
-    return label, start.get("attention", "?") + ("+ssmax" if start.get("attn_scale") == "ssmax" else ""), points
+    name = method_name(start.get("attention", "?"), start.get("attn_scale"))
+    return f"{run_dir} ({name}, seed {start.get('seed', '?')})", name, points
 
 
 def plot_training_curves(run_dirs, path, log=print):

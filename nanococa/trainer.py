@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint
-from .common import fmt_time, file_lock, peak_flops, resolve_device, resolve_dtype
+from .common import fmt_time, file_lock, method_name, peak_flops, resolve_device, resolve_dtype
 from .config import FIXED_ON_RESUME
 from .data import Split, prepare
 from .errors import UserError
@@ -278,7 +278,7 @@ def train_locked(cfg, procs, say):
             jsonl.flush()
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    say(f"model: {cfg.attention}{'+ssmax' if cfg.attn_scale == 'ssmax' else ''}, {raw_model.num_params() / 1e6:.2f}M "
+    say(f"model: {method_name(cfg.attention, cfg.attn_scale)}, {raw_model.num_params() / 1e6:.2f}M "
         f"parameters, {cfg.n_layer} layers x {cfg.n_embd}, context {cfg.block_size}; device {procs.device} "
         f"({procs.dtype}){f', {procs.world} processes' if procs.ddp else ''}; {tokens_per_iter:,} tokens per step; "
         f"steps {iter_num} -> {cfg.max_iters}")
