@@ -25,10 +25,11 @@ import time
 
 import torch
 
-from .common import gpu_peak_flops, parse_lengths, resolve_device, resolve_dtype
+from .common import atomic_write, gpu_peak_flops, parse_lengths, parse_scaling, resolve_device, resolve_dtype
 from .config import make_config
 from .errors import ArgumentParser, UserError, run_script
 from .model import ATTENTIONS, GPT, GPTConfig, alibi_slopes, attention, naive_attend, rotary_cos_sin, rotate, tau_of
+from .sampling import timed_generation
 
 
 def official_slack(q, t, v, rot, slopes):
@@ -39,7 +40,7 @@ def official_slack(q, t, v, rot, slopes):
 
 
 def path(variant, impl):
-    return lambda q, t, v, rot, slopes: attention(variant, impl, q, t, v, rot, slopes)
+    return lambda q, t, v, rot, slopes: attention(variant, impl, q, t, v, rot=rot, slopes=slopes)
 
 
 NAMES = {"rope": "rope", "coca": "coca", "coca-slack": "slack", "alibi": "alibi"}
@@ -99,7 +100,7 @@ def bench_attention(args, device, dtype, log):
         grad = torch.randn(shape, generator=g, device=device, dtype=dtype)
         for name, fn in PATHS.items():
             if args.skip_slow_over and N > args.skip_slow_over and not name.endswith("-fast"):
-                rows.append(dict(path=name, N=N, status=f"not run above N={args.skip_slow_over} (--skip-slow-over)"))
+                rows.append(dict(path=name, N=N, status=f"not run above N={args.skip_slow_over} (--skip_slow_over)"))
                 continue
 
             def fwd():
@@ -197,18 +198,13 @@ def bench_generate(args, device, dtype, log):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []  # when each new token is known: the first one ends the prefill
-        t0 = time.perf_counter()
-        for token in model.generate_stream(prompt, args.new_tokens, temperature=0, scaling="dynamic:4"):
-            token.item()  # waits for the device
-            times.append(time.perf_counter())
-        t1, t2 = times[0], times[-1]
+        timing = timed_generation(model, prompt, args.new_tokens, temperature=0, scaling=parse_scaling("dynamic:4"))
         head_dim = over["n_embd"] // over["n_head"]
         per_token = sum(p.numel() * p.element_size() for p in model.parameters())
         cached = 2 * over["n_layer"] * over["n_head"] * args.prompt * head_dim  # keys and values read per token
         per_token += cached * model.lm_head.weight.element_size()
-        rate = (args.new_tokens - 1) / (t2 - t1)
-        row = dict(attention=att, prompt=args.prompt, new_tokens=args.new_tokens, prefill_s=t1 - t0,
+        rate = timing.decode_tokens_per_s
+        row = dict(attention=att, prompt=args.prompt, new_tokens=args.new_tokens, prefill_s=timing.prefill_s,
                    decode_tokens_per_s=rate, bytes_per_token=per_token, bound_tokens_per_s=bw / per_token,
                    fraction_of_bound=rate / (bw / per_token),
                    peak_mib=torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None)
@@ -264,16 +260,16 @@ def parse_args(argv):
     p.add_argument("--lengths", default=None, help=f"attention N list (default {FULL['lengths']}; --quick {QUICK['lengths']})")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=None, help=f"attention heads (default {FULL['heads']}; --quick {QUICK['heads']})")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--preset", default="pycode-gpu", help="model shape for the training and generation sections")
     p.add_argument("--prompt", type=int, default=None, help=f"generation: prompt tokens (default {FULL['prompt']})")
-    p.add_argument("--new-tokens", type=int, default=None, help=f"generation: new tokens (default {FULL['new_tokens']})")
+    p.add_argument("--new_tokens", type=int, default=None, help=f"generation: new tokens (default {FULL['new_tokens']})")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--train-repeats", type=int, default=None)
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="training: eager only")
-    p.add_argument("--skip-slow-over", type=int, default=0, help="run naive and anchor paths only up to this N")
-    p.add_argument("--peak-flops", type=float, default=None,
+    p.add_argument("--train_repeats", type=int, default=None)
+    p.add_argument("--no_compile", dest="compile", action="store_false", help="training: eager only")
+    p.add_argument("--skip_slow_over", type=int, default=0, help="run naive and anchor paths only up to this N")
+    p.add_argument("--peak_flops", type=float, default=None,
                    help="dense bf16 peak FLOP/s for MFU (default: the GPU's own where known, else no MFU)")
     p.add_argument("--out", default="bench.json")
     return p.parse_args(argv)
@@ -294,19 +290,30 @@ def check_args(args, cuda):
         raise UserError(f"--lengths: {e}") from None
     for k in ("batch", "heads", "head_dim", "prompt", "repeats", "train_repeats"):
         if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')}={getattr(args, k)} must be at least 1")
+            raise UserError(f"--{k}={getattr(args, k)} must be at least 1")
     if args.warmup < 0 or args.skip_slow_over < 0:
-        raise UserError("--warmup and --skip-slow-over must not be negative")
+        raise UserError("--warmup and --skip_slow_over must not be negative")
     if args.head_dim % 2:
-        raise UserError(f"--head-dim={args.head_dim} is odd; rotary needs an even head dimension")
+        raise UserError(f"--head_dim={args.head_dim} is odd; rotary needs an even head dimension")
     if args.new_tokens < 2:
-        raise UserError("--new-tokens must be at least 2 (decode speed is timed between the first and the last)")
+        raise UserError("--new_tokens must be at least 2 (decode speed is timed between the first and the last)")
     if args.peak_flops is not None and not 0 < args.peak_flops < math.inf:
-        raise UserError(f"--peak-flops={args.peak_flops} must be a positive number")
+        raise UserError(f"--peak_flops={args.peak_flops} must be a positive number")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise UserError(f"--out={args.out} cannot be written (a folder, or its folder is missing or read-only)")
+    if os.path.exists(args.out) and not is_bench_result(args.out):
+        raise UserError(f"--out={args.out} exists and is not a benchmark result: it is left alone; choose another --out")
     return applied
+
+
+def is_bench_result(path):
+    """True when path holds a JSON result of this benchmark (the only kind of file --out may replace)."""
+    try:
+        with open(path) as f:
+            return {"meta", "attention", "train", "generate"} <= set(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def main(argv):
@@ -334,8 +341,7 @@ def main(argv):
     res["attention"] = bench_attention(args, device, dtype, log)
     res["train"] = bench_train(args, device, dtype, log)
     res["generate"], res["copy_bandwidth_bytes_per_s"] = bench_generate(args, device, dtype, log)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_write(args.out, lambda f: json.dump(res, f, indent=1), mode="w", what="benchmark result")
     print_tables(res)
     print(f"\nwrote {args.out}")
     return res

@@ -1,9 +1,14 @@
 """What every script shares and the training loop does not own: device and dtype resolution, the
-allowed dtypes, a GPU's peak FLOPs for MFU, the lengths grammar (512,1K,2K), time formatting, a
-method's display name, and an advisory file lock (one writer per output folder or data cache)."""
+allowed dtypes, a GPU's peak FLOPs for MFU, the grammars of lengths (512,1K,2K) and of context
+extension (dynamic:4+logn), time formatting, a method's display name, an advisory file lock (one
+writer per output folder or data cache), and atomic writes (a file is replaced whole or not at all)."""
 import contextlib
+import errno
+import math
 import os
 import re
+import signal
+import threading
 
 import torch
 
@@ -13,6 +18,7 @@ except ImportError:  # Windows: no advisory locks; concurrent runs are then the 
     fcntl = None
 
 from .errors import UserError
+from .model import Scaling
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
@@ -84,6 +90,38 @@ def parse_lengths(text):
     return sorted(set(values))
 
 
+ROPE_SCALINGS = {"dynamic": "dynamic", "linear": "linear", "yarn": "yarn"}  # text kind -> Scaling.rope
+SCALING_HELP = "none, dynamic:F, linear:F, yarn:F, yarn:dynamic or logn, or a +-joined mix (dynamic:4+logn)"
+
+
+def parse_scaling(text):
+    """A "+"-joined mix of none, dynamic:F (dynamic NTK), linear:F (position interpolation), yarn:F
+    (YaRN, scale F), yarn:dynamic (YaRN, scale L / L_train) and logn, with at most one rope scaling and
+    each kind at most once -> Scaling. ValueError names what is wrong."""
+    rope, factor, logn, seen = None, 1.0, False, set()
+    for part in str(text).split("+"):
+        kind, colon, value = part.strip().partition(":")
+        if kind in seen or (rope and kind in ROPE_SCALINGS):
+            raise ValueError(f"scaling {text!r}: {kind} and another rope scaling or itself in one entry; "
+                             "combine at most one of dynamic:F / linear:F / yarn:F / yarn:dynamic with logn")
+        seen.add(kind)
+        if kind in ("none", "logn") and not colon:
+            logn = logn or kind == "logn"
+        elif kind == "yarn" and value == "dynamic":
+            rope = "yarn-dynamic"
+        elif kind in ROPE_SCALINGS and colon:
+            try:
+                factor = float(value)
+            except ValueError:
+                raise ValueError(f"scaling {text!r}: factor {value!r} is not a number") from None
+            if not 1.0 <= factor < math.inf:
+                raise ValueError(f"scaling {text!r}: factor {value} must be finite and at least 1")
+            rope = ROPE_SCALINGS[kind]
+        else:
+            raise ValueError(f"scaling {text!r}: {part!r} is not one of {SCALING_HELP}")
+    return Scaling(rope, factor, logn)
+
+
 def fmt_time(s):
     m, s = divmod(int(round(s)), 60)
     h, m = divmod(m, 60)
@@ -117,3 +155,51 @@ def file_lock(path, wait=True, busy_message=None, log=None):
 def method_name(attention, attn_scale):
     """How a model's attention is named in logs, tables and plots: "coca", "rope+ssmax", ..."""
     return attention + ("+ssmax" if attn_scale == "ssmax" else "")
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C inside the block is held back and raised as KeyboardInterrupt when the block ends, so a
+    write is never cut in half (which can abort inside torch's writer instead of exiting)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+TMP_SUFFIX = ".tmp."
+WRITE_FAILURES = ("unexpected pos", "failed writing", "PytorchStreamWriter")  # torch.save on a full disk
+
+
+def atomic_write(path, write, mode="wb", what="file"):
+    """write(f) into a temporary file beside path, fsync, then rename it over path: an interrupted or
+    failed write never leaves a half-written file where the last good one was, and Ctrl-C waits for
+    the rename. A full disk (or any failed write) is one UserError; the temporary file is removed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
+    try:
+        with sigint_deferred():
+            with open(tmp, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except OSError as e:
+        full = " (the disk is full)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        raise UserError(f"could not write the {what} {path} ({e.strerror or e}){full}; "
+                        f"the previous {path}, if any, is unchanged") from None
+    except RuntimeError as e:
+        if not any(w in str(e) for w in WRITE_FAILURES):
+            raise
+        raise UserError(f"could not write the {what} {path} (the write stopped short: is the disk full?); "
+                        f"the previous {path}, if any, is unchanged") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -15,6 +15,7 @@ after every document), {train,val}.offsets.npy (where each document starts) and 
 tokenizer, fingerprint, document names, token counts); a later call with an unchanged corpus reuses them
 once their sizes check out against the manifest, and rebuilds a damaged or half-written cache.
 """
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -37,6 +38,25 @@ CORPORA = ("shakespeare", "pycode", "text:PATH", "hf:NAME[:CONFIG]")
 
 # -----------------------------------------------------------------------------------------------
 # Sources: each returns {"train": [(name, text)], "val": [(name, text)]}.
+
+NOT_UTF8 = {"bytes": 0, "files": set()}  # what read_text() replaced since the last reset
+
+
+def count_and_replace(err):
+    """Decoding error handler: exactly what errors="replace" does (one U+FFFD per bad sequence), counted."""
+    NOT_UTF8["bytes"] += err.end - err.start
+    NOT_UTF8["files"].add(NOT_UTF8.get("current"))
+    return "\ufffd", err.end
+
+
+codecs.register_error("nanococa-replace", count_and_replace)
+
+
+def read_text(path):
+    """A text file as UTF-8; bytes that are not UTF-8 become U+FFFD and are counted in NOT_UTF8."""
+    NOT_UTF8["current"] = path
+    with open(path, encoding="utf-8", errors="nanococa-replace") as f:
+        return f.read()
 
 
 def play_to_text(md):
@@ -81,8 +101,7 @@ def pycode_docs():
     for pkg in sorted(packages):
         parts, size = [], 0
         for rel, path in sorted(packages[pkg]):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                parts.append(f"# file: {rel}\n{f.read()}")
+            parts.append(f"# file: {rel}\n{read_text(path)}")
             size += len(parts[-1])
             if size >= PYCODE_MAX_CHARS:
                 break
@@ -93,9 +112,10 @@ def pycode_docs():
 def text_docs(path):
     if not os.path.exists(path):
         raise UserError(f"corpus text:{path}: no such file or folder")
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise UserError(f"corpus text:{path}: neither a regular file nor a folder")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = read_text(path)
         cut = text.rfind("\n", 0, len(text) * 9 // 10) + 1 or len(text) * 9 // 10
         if not text[cut:].strip() or not text[:cut].strip():
             raise UserError(f"corpus text:{path}: too short to split into training and validation text")
@@ -107,8 +127,8 @@ def text_docs(path):
                         f"found {len(files)}")
     docs = {"train": [], "val": []}
     for i, rel in enumerate(files):
-        with open(os.path.join(path, rel), encoding="utf-8", errors="replace") as f:
-            docs["val" if i % 10 == 9 or (len(files) < 10 and i == len(files) - 1) else "train"].append((rel, f.read()))
+        text = read_text(os.path.join(path, rel))
+        docs["val" if i % 10 == 9 or (len(files) < 10 and i == len(files) - 1) else "train"].append((rel, text))
     return docs
 
 
@@ -129,7 +149,17 @@ def hf_docs(spec):
             "val": [(f"{val_split}:{i}", r["text"]) for i, r in enumerate(ds[val_split])]}
 
 
-def load_docs(corpus):
+def load_docs(corpus, log=None):
+    """The corpus's documents; with log, a line saying how many bytes were not UTF-8 (and became U+FFFD)."""
+    NOT_UTF8.update(bytes=0, files=set())
+    docs = source_docs(corpus)
+    if log and NOT_UTF8["bytes"]:
+        log(f"data: {corpus}: {NOT_UTF8['bytes']:,} bytes in {len(NOT_UTF8['files'])} file(s) are not UTF-8 "
+            "and were replaced by U+FFFD")
+    return docs
+
+
+def source_docs(corpus):
     if corpus == "shakespeare":
         return shakespeare_docs()
     if corpus == "pycode":
@@ -160,9 +190,37 @@ def corpus_dir(cache_dir, corpus, tokenizer):
     return os.path.join(cache_dir, f"{slug}-{tag}-{tokenizer.name}")
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_problem(manifest, fp, tokenizer):
+    """What is wrong with a manifest's contents (its types and values), or None."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return "manifest.json holds no splits"
+    if manifest.get("fingerprint") != fp or manifest.get("tokenizer") != tokenizer.name:
+        return "the corpus changed since it was written"
+    for split in ("train", "val"):
+        meta = manifest["splits"].get(split)
+        if not isinstance(meta, dict):
+            return f"manifest.json lacks the {split} split"
+        ok = (isinstance(meta.get("tokens"), int) and isinstance(meta.get("sha256"), str)
+              and isinstance(meta.get("documents"), list) and all(isinstance(n, str) for n in meta["documents"])
+              and isinstance(meta.get("doc_tokens"), list)
+              and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in meta["doc_tokens"]))
+        if not ok:
+            return f"manifest.json's {split} split does not have the fields and types this version writes"
+    return None
+
+
 def cache_problem(folder, fp, tokenizer):
-    """None when folder holds a complete cache of this corpus (fingerprint fp), else what is wrong with it.
-    The files are checked against what the manifest records: sizes, token counts, document offsets."""
+    """None when folder holds a complete, undamaged cache of this corpus (fingerprint fp), else what is wrong
+    with it. The files are checked against what the manifest records: sizes, token counts, document offsets
+    and the SHA-256 of every token file (any changed byte, so no token id beyond the vocabulary either)."""
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
             manifest = json.load(f)
@@ -170,14 +228,11 @@ def cache_problem(folder, fp, tokenizer):
         return "no cache yet"
     except (OSError, ValueError):
         return "manifest.json is not readable JSON"
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        return "manifest.json holds no splits"
-    if manifest.get("fingerprint") != fp or manifest.get("tokenizer") != tokenizer.name:
-        return "the corpus changed since it was written"
+    problem = manifest_problem(manifest, fp, tokenizer)
+    if problem:
+        return problem
     for split in ("train", "val"):
-        meta = manifest["splits"].get(split)
-        if not isinstance(meta, dict) or not {"tokens", "documents", "doc_tokens"} <= set(meta):
-            return f"manifest.json lacks the {split} split"
+        meta = manifest["splits"][split]
         path = os.path.join(folder, f"{split}.bin")
         size = os.path.getsize(path) if os.path.isfile(path) else None
         if size != 2 * meta["tokens"]:
@@ -190,13 +245,15 @@ def cache_problem(folder, fp, tokenizer):
         if not (len(offsets) == len(lengths) == len(meta["documents"]) and lengths.sum() == meta["tokens"]
                 and np.array_equal(offsets, np.concatenate(([0], np.cumsum(lengths)[:-1])))):
             return f"{split}.offsets.npy does not match the manifest's documents"
+        if file_sha256(path) != meta["sha256"]:
+            return f"{split}.bin has changed since it was written (its SHA-256 differs)"
     return None
 
 
 def prepare(corpus, tokenizer, cache_dir="data_cache", log=print):
     """Tokenize the corpus into memmaps unless a complete, unchanged copy is there; return its folder.
     Safe when several processes prepare the same corpus at once: one writes, the others wait and reuse."""
-    docs = load_docs(corpus)
+    docs = load_docs(corpus, log)
     fp = fingerprint(docs)
     out = corpus_dir(cache_dir, corpus, tokenizer)
     try:
@@ -231,18 +288,20 @@ def write_cache(out, corpus, docs, fp, tokenizer, log):
         for split in ("train", "val"):
             if not docs[split]:
                 raise UserError(f"corpus {corpus}: the {split} split is empty")
-            lengths = []
+            lengths, digest = [], hashlib.sha256()
             with open(temporary(f"{split}.bin"), "wb") as f:  # a few documents at a time: bounded memory
                 for start in range(0, len(docs[split]), 16):
                     texts = [text for _, text in docs[split][start:start + 16]]
                     for ids in tokenizer.encode_batch(texts):
-                        np.array(ids + [tokenizer.eot], dtype=np.uint16).tofile(f)
+                        chunk = np.array(ids + [tokenizer.eot], dtype=np.uint16).tobytes()
+                        f.write(chunk)
+                        digest.update(chunk)
                         lengths.append(len(ids) + 1)  # + the end-of-text token
             lengths = np.array(lengths, dtype=np.int64)
             with open(temporary(f"{split}.offsets.npy"), "wb") as f:
                 np.save(f, np.concatenate(([0], np.cumsum(lengths)[:-1])))
             manifest["splits"][split] = {"tokens": int(lengths.sum()), "documents": [n for n, _ in docs[split]],
-                                         "doc_tokens": lengths.tolist()}
+                                         "doc_tokens": lengths.tolist(), "sha256": digest.hexdigest()}
             log(f"data: {corpus} {split}: {len(lengths)} documents, {int(lengths.sum()):,} tokens")
         with open(temporary("manifest.json"), "w") as f:
             json.dump(manifest, f)
@@ -253,16 +312,23 @@ def write_cache(out, corpus, docs, fp, tokenizer, log):
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+
 class Split:
-    """One split's tokens (uint16 memmap) with its document offsets, lengths and names."""
+    """One split's tokens (uint16 memmap) with its document offsets, lengths and names, from a folder that
+    prepare() has checked; anything still wrong in it is one UserError."""
 
     def __init__(self, folder, split):
-        with open(os.path.join(folder, "manifest.json")) as f:
-            meta = json.load(f)["splits"][split]
-        self.tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
-        self.offsets = np.load(os.path.join(folder, f"{split}.offsets.npy"))
-        self.doc_tokens = np.array(meta["doc_tokens"], dtype=np.int64)
-        self.names = meta["documents"]
+        try:
+            with open(os.path.join(folder, "manifest.json")) as f:
+                manifest = json.load(f)
+            meta = manifest["splits"][split]
+            self.tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+            self.offsets = np.load(os.path.join(folder, f"{split}.offsets.npy"))
+            self.doc_tokens = np.array(meta["doc_tokens"], dtype=np.int64)
+            self.names, self.fingerprint = list(meta["documents"]), str(manifest["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            raise UserError(f"data: the cache in {folder} cannot be read ({type(e).__name__}: {e}); delete the "
+                            "folder and it is rebuilt on the next run") from None
 
     def __len__(self):
         return len(self.tokens)

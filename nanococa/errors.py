@@ -1,6 +1,12 @@
 """UserError: a mistake the user can fix (bad option, missing file) or a fault with a clear remedy (a full
-disk). Scripts print it as one line `error: ...` and exit with status 2, without a traceback."""
+disk). Scripts print it as one line `error: ...` and exit with status 2, without a traceback.
+
+One option style for every entry point: `--snake_case` names (nanoGPT's, and the config fields'), given as
+`--key=value` or `--key value`; each name is also accepted with dashes (`--max-new-tokens`), so no
+documented command breaks. `--help` lists every option with its default.
+"""
 import argparse
+import difflib
 import sys
 
 
@@ -9,9 +15,27 @@ class UserError(ValueError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are UserErrors (one line) instead of a usage block."""
+    """argparse whose mistakes are UserErrors (one line) instead of a usage block, whose options are spelled
+    --snake_case and accepted as --dash-case too, and whose help shows every default."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def add_argument(self, *names, **kw):
+        action = super().add_argument(*names, **kw)
+        aliases = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
+        if aliases:  # the dashed spelling: same destination, hidden from --help, sets nothing unless given
+            super().add_argument(*aliases, **{**kw, "dest": action.dest, "default": argparse.SUPPRESS,
+                                              "help": argparse.SUPPRESS})
+        return action
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            words = message.split(": ", 1)[1].split()
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            name = "--" + words[0].split("=")[0].lstrip("-").replace("-", "_")
+            guess = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+            message = f"unknown option {' '.join(words)}" + (f"; did you mean {guess[0]}?" if guess else "")
         raise UserError(f"{message} (--help lists the options)")
 
 

@@ -8,28 +8,26 @@ Perplexity protocols
   sliding                 The paper's: documents truncated to the largest length, a window of L tokens
                           sliding with stride 512, each token scored once (the first window scores all
                           of its tokens, later ones only the tokens they add).
-Passkey (Mohtashami and Jaggi, 2023): filler sentences with "The pass key is NNNNN. Remember it. NNNNN
-is the pass key." at a chosen depth, then "What is the pass key? The pass key is"; the five digits are
-decoded greedily with the KV cache.
+Passkey retrieval (nanococa/passkey.py): the key at every depth bucket, greedy, Wilson intervals.
+
+evaluate_models() runs the whole grid of eval_length.py (checkpoints x scalings x lengths): a scaling
+that does nothing to a model (a rope scaling on ALiBi, which has no rotary) is measured once and the
+repeat says so. attention_profile() measures how far and how sharply each layer attends, the
+measurement behind docs/coca.md's account of dynamic NTK on CoCA.
 """
-import csv
-import itertools
-import json
+import dataclasses
 import math
-import os
-import random
+import time
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import method_name
+from . import passkey
+from .common import fmt_time
 from .errors import UserError
-
-PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the important information there.\n")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+from .model import SDPA_QK, Scaling, alibi_scores_naive, log_key_count, logn_scale, rotary_cos_sin
 
 
 def pick_windows(split, max_len, target, count):
@@ -114,236 +112,117 @@ def wilson_interval(hits, trials, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def passkey_parts(tok, key):
-    return (tok.encode(PASSKEY_TASK), tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. "),
-            tok.encode(PASSKEY_QUESTION))
+def effective_scaling(model, scaling):
+    """The scaling that acts on this model: ALiBi has no rotary, so a rope scaling does nothing to it."""
+    return Scaling(logn=scaling.logn) if model.config.attention == "alibi" else scaling
 
 
-def passkey_min_length(tok):
-    """Tokens of the fixed passkey text: a shorter length has no room for it."""
-    return sum(map(len, passkey_parts(tok, "12345")))
+@dataclasses.dataclass
+class Plan:
+    """What eval_length.py measures in every (checkpoint, scaling, length) cell."""
+    lengths: list
+    protocol: str = "same-targets"
+    target: int = 512  # same-targets: tokens scored per window
+    windows: Optional[list] = None  # same-targets: [(document, end)]
+    docs: Optional[list] = None  # sliding: document indices
+    stride: int = 512
+    passkey_trials: int = 0
+    seed: int = 1337
+    device: str = "cpu"
 
 
-def build_passkey(tok, length, depth, key):
-    """(token ids of exactly `length` tokens, index of the first token of the key sentence, answer ids)
-    with the key sentence at fraction `depth` of the filler."""
-    head, info, question = passkey_parts(tok, key)
-    n_filler = length - len(head) - len(info) - len(question)
-    if n_filler < 0:
-        raise UserError(f"passkey length {length} is shorter than its fixed text ({length - n_filler} tokens)")
-    one = tok.encode(PASSKEY_FILLER)
-    filler = (one * (n_filler // len(one) + 1))[:n_filler]
-    cut = round(depth * n_filler)
-    ids = head + filler[:cut] + info + filler[cut:] + question
-    return ids, len(head) + cut, tok.encode(f" {key}")
+def measure(model, tok, split, plan, length, scaling):
+    """One cell: perplexity with its interval and, when asked, passkey accuracy by depth bucket."""
+    if plan.protocol == "same-targets":
+        ppl, units, _ = same_targets_perplexity(model, split, plan.windows, length, plan.target, scaling, plan.device)
+        count = len(plan.windows) * plan.target
+    else:
+        ppl, units, count = sliding_perplexity(model, split, plan.docs, length, max(plan.lengths), plan.stride,
+                                               scaling, plan.device)
+    lo, hi = bootstrap_interval(units, seed=plan.seed)
+    row = dict(perplexity=ppl, perplexity_lo=lo, perplexity_hi=hi, units=len(units), targets=count, unit_nll=units,
+               passkey_accuracy=None, passkey_lo=None, passkey_hi=None, passkey_trials=plan.passkey_trials or None,
+               passkey_depth_hits=None, passkey_depth_trials=None, passkey_answer_nll=None, note=None)
+    if plan.passkey_trials and length < passkey.min_length(tok):
+        row["note"] = f"passkey needs at least {passkey.min_length(tok)} tokens"
+    elif plan.passkey_trials:
+        pk = passkey.score(model, tok, length, plan.passkey_trials, scaling, plan.seed, plan.device)
+        hits = sum(pk["hits"])
+        buckets = passkey.depth_buckets(pk["depths"], pk["hits"])
+        lo, hi = wilson_interval(hits, plan.passkey_trials)
+        row.update(passkey_accuracy=hits / plan.passkey_trials, passkey_lo=lo, passkey_hi=hi,
+                   passkey_depth_hits=[h for h, _ in buckets], passkey_depth_trials=[t for _, t in buckets],
+                   passkey_answer_nll=[sum(t) / len(t) for t in zip(*pk["nll"])])
+    return row
+
+
+def evaluate_models(models, scalings, split, plan, corpus, log=print, after_each=None):
+    """Every (checkpoint, scaling, length) cell: models [(path, model, tokenizer)], scalings [(name, Scaling)].
+    Rows in report.COLUMNS; after_each(rows) is called when a checkpoint x scaling row is complete."""
+    rows, t_all, done_cells = [], time.perf_counter(), 0
+    total = len(models) * len(scalings) * len(plan.lengths)
+    for path, model, tok in models:
+        measured = {}  # (effective scaling, length) -> its row: a scaling that does nothing is not measured again
+        for name, scaling in scalings:
+            eff = effective_scaling(model, scaling)
+            for n in plan.lengths:
+                base = dict(checkpoint=path, attention=model.config.attention, attn_scale=model.config.attn_scale,
+                            corpus=corpus, tokenizer=tok.name, scaling=name, protocol=plan.protocol, length=n)
+                done_cells += 1
+                if (eff, n) in measured:
+                    prev = measured[eff, n]
+                    note = f"same as {prev['scaling']}: no rotary, so the rope scaling does nothing"
+                    rows.append({**prev, **base, "note": "; ".join(filter(None, (prev["note"], note)))})
+                    continue
+                t0 = time.perf_counter()
+                row = {**base, **measure(model, tok, split, plan, n, eff)}
+                rows.append(row)
+                measured[eff, n] = row
+                elapsed = time.perf_counter() - t_all
+                log(f"  {path} {model.config.attention} {name:>14} L={n:>6,}: ppl {row['perplexity']:9.3f}"
+                    + (f" ({row['perplexity_lo']:.2f}-{row['perplexity_hi']:.2f})" if row["perplexity_lo"] else "")
+                    + (f" passkey {row['passkey_accuracy']:.2f}" if row["passkey_accuracy"] is not None else "")
+                    + f"  ({time.perf_counter() - t0:.1f} s; {done_cells}/{total} cells, {fmt_time(elapsed)} so far)")
+            if after_each:
+                after_each(rows)
+    return rows
+
+# -----------------------------------------------------------------------------------------------
+# Where attention goes: mean distance and entropy per layer.
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tok, length, trials, scaling=None, seed=0, device="cpu"):
-    """Fraction of trials whose key (random 5 digits at a random depth) is decoded greedily."""
-    rng = random.Random(seed * 1_000_003 + length)
-    hits = 0
-    for _ in range(trials):
-        key = f"{rng.randint(10000, 99999)}"
-        ids, _, answer = build_passkey(tok, length, rng.random(), key)
-        out = model.generate(torch.tensor([ids], device=device), len(answer), temperature=0, scaling=scaling)
-        hits += tok.decode(out[0, len(ids):].tolist()).strip() == key
-    return hits / trials
-
-# -----------------------------------------------------------------------------------------------
-# Tables, files and the plot.
-
-COLUMNS = ("checkpoint", "attention", "attn_scale", "corpus", "tokenizer", "scaling", "protocol", "length",
-           "perplexity", "perplexity_lo", "perplexity_hi", "units", "targets", "unit_nll", "passkey_accuracy",
-           "passkey_lo", "passkey_hi", "passkey_trials", "note")
-# perplexity_lo/hi: 95% bootstrap interval over the scored units (same-targets: windows; sliding: documents);
-# unit_nll: each unit's mean negative log-likelihood (nats per token), space-separated in the CSV;
-# passkey_lo/hi: 95% Wilson interval; note: why a cell holds no number, or what it repeats.
-
-
-def method(r):
-    return method_name(r["attention"], r.get("attn_scale"))
-
-
-def row_label(r):
-    return f"{r['checkpoint']} ({method(r)}, {r['scaling']})"
-
-
-def fmt_cell(r, key):
-    """"5.02 (4.81-5.24)", the value and its interval, or the note where there is no value."""
-    v = r.get(key)
-    if v is None:
-        return r.get("note") or ""
-    lo, hi = (r.get("perplexity_lo"), r.get("perplexity_hi")) if key == "perplexity" else (r.get("passkey_lo"), r.get("passkey_hi"))
-    return f"{v:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
-
-
-def markdown_table(rows, key):
-    """One line per (checkpoint, scaling), one column per length, of rows[key] with its 95% interval."""
-    lengths = sorted({r["length"] for r in rows})
-    labels = list(dict.fromkeys(row_label(r) for r in rows))
-    cell = {(row_label(r), r["length"]): r for r in rows}
-    out = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for lab in labels:
-        out.append(f"| {lab} | " + " | ".join(fmt_cell(cell[lab, n], key) if (lab, n) in cell else ""
-                                              for n in lengths) + " |")
-    return "\n".join(out)
-
-
-def write_outputs(rows, meta, out_dir, plot=True, log=print):
-    """results.json (meta + rows), results.csv (COLUMNS) and, with plot and matplotlib, results.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "columns": COLUMNS, "results": rows}, f, indent=1)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: " ".join(f"{x:.6f}" for x in r[k]) if k == "unit_nll" and r.get(k) else r.get(k)
-                        for k in COLUMNS})
-    if plot:
-        plot_results(rows, meta, os.path.join(out_dir, "results.png"), log)
-
-
-def pyplot(log):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        log("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-
-
-def length_axis(ax, lengths):
-    import matplotlib.ticker
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
-
-
-def log_y_axis(ax):
-    import matplotlib.ticker
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-
-
-METHODS = ["coca", "rope", "alibi", "coca-slack", "coca+ssmax", "rope+ssmax", "alibi+ssmax", "coca-slack+ssmax"]
-
-
-def run_styles(runs):
-    """{(method, run): (colour, line style)}: one colour per method (the same in every plot), a line
-    style per run of that method."""
-    styles = {}
-    for m, run in dict.fromkeys(runs):
-        colour = f"C{METHODS.index(m)}" if m in METHODS else "k"
-        k = sum(1 for mm, _ in styles if mm == m)
-        styles[(m, run)] = (colour, ["-", "--", ":", "-."][k % 4])
-    return styles
-
-
-def plot_results(rows, meta, path, log=print):
-    """Perplexity against length, one panel per scaling, one line per checkpoint with its 95% band
-    (a colour per method, a line style per checkpoint); passkey accuracy in a last panel."""
-    plt = pyplot(log)
-    if plt is None:
-        return
-    rows = [r for r in rows if r.get("perplexity") is not None or r.get("passkey_accuracy") is not None]
-    scalings = list(dict.fromkeys(r["scaling"] for r in rows))
-    styles = run_styles((method(r), r["checkpoint"]) for r in rows)
-    has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
-    panels = len(scalings) + has_passkey
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels + 1, 4.6), squeeze=False)
-    ppl_axes = axes[0][:len(scalings)]
-    for ax, scaling in zip(ppl_axes, scalings):
-        for (m, ckpt), (colour, style) in styles.items():
-            mine = sorted((r for r in rows if r["checkpoint"] == ckpt and r["scaling"] == scaling
-                           and r.get("perplexity") is not None), key=lambda r: r["length"])
-            if not mine:
-                continue
-            n = [r["length"] for r in mine]
-            ax.plot(n, [r["perplexity"] for r in mine], style, color=colour, marker="o", ms=3, label=f"{ckpt} ({m})")
-            if all(r.get("perplexity_lo") is not None for r in mine):
-                ax.fill_between(n, [r["perplexity_lo"] for r in mine], [r["perplexity_hi"] for r in mine],
-                                color=colour, alpha=0.12, lw=0)
-        ax.set(xlabel="context length (tokens)", title=f"scaling: {scaling}")
-        ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
-    ppl_axes[0].set_ylabel(f"perplexity, {meta.get('protocol')} (95% band)")
-    if has_passkey:
-        ax = axes[0][-1]
-        for r0 in dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows):
-            pk = sorted((r for r in rows if (r["checkpoint"], r["scaling"]) == r0
-                         and r.get("passkey_accuracy") is not None), key=lambda r: r["length"])
-            if not pk:
-                continue
-            colour, style = styles[(method(pk[0]), r0[0])]
-            acc = [r["passkey_accuracy"] for r in pk]
-            err = [[a - (r["passkey_lo"] or a) for a, r in zip(acc, pk)], [(r["passkey_hi"] or a) - a for a, r in zip(acc, pk)]]
-            ax.errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, color=colour, marker="o", ms=3,
-                        capsize=2, label=f"{r0[0]} ({r0[1]})")
-        ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
-               title="passkey retrieval")
-        ax.legend(fontsize=6)
-    lengths = sorted({r["length"] for r in rows})
-    top = max((r.get("perplexity_hi") or r.get("perplexity") or 0) for r in rows)
-    low = min((r.get("perplexity_lo") or r.get("perplexity") or top) for r in rows)
-    for ax in ppl_axes:
-        log_y_axis(ax)
-        ax.set_ylim(low / 1.1, top * 1.1)  # one scale for every panel, so they compare at a glance
-    for ax in axes[0]:
-        length_axis(ax, lengths)
-    ppl_axes[0].legend(fontsize=6)
-    fig.suptitle(f"trained at {meta.get('train_len')}; the same target tokens at every length" if
-                 meta.get("protocol") == "same-targets" else f"trained at {meta.get('train_len')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def read_length_curves(run_dir):
-    """[(iter, {length: perplexity})] from the eval records of a run's log.jsonl (--eval_lengths)."""
-    path = os.path.join(run_dir, "log.jsonl") if os.path.isdir(run_dir) else run_dir
-    try:
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise UserError(f"--curves: cannot read {path} ({e})") from None
-    points = [(r["iter"], {int(k): v for k, v in r["ppl_at_length"].items()}) for r in records
-              if r.get("event") == "eval" and r.get("ppl_at_length")]
-    if not points:
-        raise UserError(f"--curves: {path} has no tracked perplexities; train with --eval_lengths=512,2K,8K")
-    start = next((r for r in records if r.get("event") == "start"), {}).get("config", {})
-    name = method_name(start.get("attention", "?"), start.get("attn_scale"))
-    return f"{run_dir} ({name}, seed {start.get('seed', '?')})", name, points
-
-
-def plot_training_curves(run_dirs, path, log=print):
-    """One panel per tracked length: perplexity against training step, one line per run; the last
-    panel is the longest length's perplexity over the shortest's."""
-    runs = [read_length_curves(d) for d in run_dirs]
-    plt = pyplot(log)
-    if plt is None:
-        return runs
-    lengths = sorted({n for _, _, pts in runs for _, ppl in pts for n in ppl})
-    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.2 * (len(lengths) + 1), 4.2), squeeze=False)
-    styles = run_styles((m, label) for label, m, _ in runs)
-    for label, m, pts in runs:
-        colour, style = styles[(m, label)]
-        kw = dict(ls=style, color=colour, marker="o", ms=2, label=label)
-        for ax, n in zip(axes[0], lengths):
-            xs = [(i, p[n]) for i, p in pts if n in p]
-            ax.plot([x for x, _ in xs], [y for _, y in xs], **kw)
-        ratio = [(i, p[lengths[-1]] / p[lengths[0]]) for i, p in pts if lengths[0] in p and lengths[-1] in p]
-        axes[0][-1].plot([x for x, _ in ratio], [y for _, y in ratio], **kw)
-    for ax, n in zip(axes[0], lengths):
-        ax.set(title=f"perplexity at {n:,} tokens", xlabel="training step")
-        log_y_axis(ax)
-    axes[0][-1].set(title=f"{lengths[-1]:,} over {lengths[0]:,}", xlabel="training step", ylabel="ratio")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return runs
+def attention_profile(model, ids, scaling=None, queries=64):
+    """Where the last `queries` queries of one sequence ids (1-D) attend, per layer: the mean distance m - n
+    weighted by attention and the mean entropy of their attention rows (nats), averaged over heads and
+    queries. The weights are recomputed from each layer's input with the model file's own SDPA pairs."""
+    cfg = model.config
+    x = model.transformer.wte(ids[None])
+    T, D, H = x.size(1), cfg.n_embd // cfg.n_head, cfg.n_head
+    scaling = scaling or Scaling()
+    rot = None if cfg.attention == "alibi" else rotary_cos_sin(0, T, D, cfg.rope_base, scaling, cfg.block_size,
+                                                                x.device, x.dtype)
+    log_m = log_key_count(0, T, x.device)
+    row_scale = logn_scale(log_m, cfg.block_size) if scaling.logn else None
+    m = torch.arange(T - queries, T, device=x.device)[:, None]
+    distance = (m - torch.arange(T, device=x.device)[None, :]).to(x.dtype)  # (queries, T); negative: future
+    out = []
+    for block in model.transformer.h:
+        a = block.attn
+        q, t, _ = (z.view(1, T, H, D).transpose(1, 2) for z in a.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2))
+        if a.variant == "alibi":
+            scores = alibi_scores_naive(q, t, a.slopes)[:, :, -queries:]
+        else:
+            qs, ks = SDPA_QK[a.variant](q, t, rot)
+            scores = qs[:, :, -queries:] @ ks.transpose(-2, -1) / math.sqrt(D)
+        scale = row_scale
+        if a.ssmax is not None:
+            s = a.ssmax[:, None, None] * log_m.to(a.ssmax.dtype)
+            scale = s if scale is None else s * scale
+        if scale is not None:
+            scores = scores * scale[..., -queries:, :]
+        w = scores.masked_fill(distance < 0, float("-inf")).softmax(-1)  # (1, H, queries, T)
+        out.append(dict(mean_distance=float((w * distance.clamp(min=0)).sum(-1).mean()),
+                        entropy=float(-(w * w.clamp(min=1e-30).log()).sum(-1).mean())))
+        x = block(x, rot, log_m, row_scale)
+    return out

@@ -3,9 +3,9 @@ nanococa/model.py: a GPT with CoCA (Collinear Constrained Attention), Zhu et al.
 
 Read top to bottom. It holds:
   1. GPTConfig, with checks that name the bad value and what is allowed.
-  2. Positions: one rotary implementation (half-split layout) with dynamic NTK and position
-     interpolation, ALiBi's head slopes, the length-aware row scales (logn at inference, ssmax
-     trained), and parse_scaling, the grammar of context extension ("dynamic:4+logn").
+  2. Positions: one rotary implementation (half-split layout) with the context extensions of a
+     Scaling (dynamic NTK, position interpolation, YaRN in its static and dynamic forms), ALiBi's head
+     slopes, and the length-aware row scales (logn at inference, ssmax trained).
   3. Attention, four variants, each a naive function (the equation, materialised) beside its fast
      form (plain scaled-dot-product attention, O(T*D) memory):
        rope        RoPE (RoFormer)                         rope_scores_naive   | rope_sdpa_qk
@@ -13,10 +13,12 @@ Read top to bottom. It holds:
        coca-slack  CoCA-Slack (Eq. 10, the official code)  slack_scores_naive  | slack_sdpa_qk
        alibi       ALiBi (Press et al., 2022)              alibi_scores_naive  | alibi_sdpa
      attention() runs either path; it is the one route to the fast path, with or without a cache.
-  4. KVCache: keys in SDPA form and values, the position of the next token, its rotary rows.
-  5. Block, GPT (tied embeddings, nanoGPT init), configure_optimizers, estimate_mfu,
+  4. Kernels: FlexAttention for ALiBi on CUDA, compiled on first use.
+  5. KVCache: keys in SDPA form and values, the position of the next token, its rotary rows.
+  6. Block, GPT (tied embeddings, nanoGPT init), configure_optimizers, estimate_mfu,
      generate_stream / generate, and sample_next (temperature, top-k, top-p).
 The theory, the derivation of every fast form and the test behind each property: docs/coca.md.
+The text grammar of a Scaling ("dynamic:4+logn") is nanococa.common.parse_scaling.
 """
 import functools
 import inspect
@@ -54,7 +56,8 @@ class GPTConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self):
-        for name, allowed in (("attention", ATTENTIONS), ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES)):
+        choices = (("attention", ATTENTIONS), ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES))
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -63,9 +66,9 @@ class GPTConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
+        if (self.n_embd // self.n_head) % 2 and self.attention != "alibi":
             raise ValueError(f"head dimension n_embd/n_head={self.n_embd // self.n_head} is odd; "
-                             "rotary needs an even head dimension")
+                             f"{self.attention} rotates coordinate pairs and needs an even head dimension")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
         if not isinstance(self.bias, bool):
@@ -73,66 +76,57 @@ class GPTConfig:
         if not isinstance(self.rope_base, (int, float)) or not 1.0 < self.rope_base < math.inf:
             raise ValueError(f"rope_base={self.rope_base!r} must be a finite number greater than 1")
         if self.attn_scale == "ssmax" and self.block_size < 2:
-            raise ValueError("attn_scale='ssmax' starts at 1 / log(block_size): block_size must be at least 2")
+            raise ValueError("attn_scale='ssmax' needs block_size >= 2 (s starts at 1 / log(block_size))")
 
 # -----------------------------------------------------------------------------------------------
 # Positions. Rotary, half-split layout: plane j is the coordinate pair (j, j + D/2).
 
 
 class Scaling(NamedTuple):
-    """Context extension at inference: rope is None, ("dynamic", F) or ("linear", F); logn on or off."""
-    rope: Optional[tuple] = None
+    """Context extension at inference. rope: None; "dynamic" (dynamic NTK, factor F); "linear" (position
+    interpolation by F); "yarn" (YaRN with scale s = F) or "yarn-dynamic" (YaRN with s = L / L_train for
+    a sequence of L tokens). logn: Qwen's query scale past the training length."""
+    rope: Optional[str] = None
+    factor: float = 1.0
     logn: bool = False
 
 
-def parse_scaling(spec):
-    """None, a Scaling, ("dynamic", 4) or a "+"-joined string of none, dynamic:F, linear:F and logn
-    ("dynamic:4+logn"), each kind at most once and one rope scaling at most -> Scaling."""
-    if isinstance(spec, Scaling):
-        return spec
-    if spec is None:
-        return Scaling()
-    if isinstance(spec, tuple):
-        spec = f"{spec[0]}:{spec[1]}"
-    rope, logn, seen = None, False, set()
-    for part in str(spec).split("+"):
-        kind, colon, factor = part.strip().partition(":")
-        if kind in seen or (rope and kind in ("dynamic", "linear")):
-            raise ValueError(f"scaling {spec!r}: {kind} and another rope scaling or itself in one entry; "
-                             "combine at most one of dynamic:F / linear:F with logn")
-        seen.add(kind)
-        if kind in ("none", "logn") and not colon:
-            logn = logn or kind == "logn"
-        elif kind in ("dynamic", "linear") and colon:
-            try:
-                f = float(factor)
-            except ValueError:
-                raise ValueError(f"scaling {spec!r}: factor {factor!r} is not a number") from None
-            if not 1.0 <= f < math.inf:
-                raise ValueError(f"scaling {spec!r}: factor {factor} must be finite and at least 1")
-            rope = (kind, f)
-        else:
-            raise ValueError(f"scaling {spec!r}: {part!r} is not none, dynamic:F, linear:F or logn "
-                             "(join them with +, e.g. dynamic:4+logn)")
-    return Scaling(rope, logn)
+def yarn_frequencies(theta, base, s, train_len, beta_fast=32, beta_slow=1):
+    """YaRN (Peng et al. 2023) as Hugging Face's "yarn" rope type: planes that turn more than beta_fast
+    times over the training length keep theta_j, planes that turn fewer than beta_slow times get
+    theta_j / s, and between them a ramp linear in the plane index. Returns (theta', attention factor
+    0.1 ln s + 1), the factor to multiply cos and sin by, so logits grow by its square."""
+    D = 2 * len(theta)
+
+    def plane(turns):  # the (fractional) plane index whose frequency turns `turns` times over train_len
+        return D * math.log(train_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+    low, high = max(math.floor(plane(beta_fast)), 0), min(math.ceil(plane(beta_slow)), D - 1)
+    ramp = ((torch.arange(D // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return theta * (1 - ramp) + theta / s * ramp, 0.1 * math.log(s) + 1
 
 
 def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_len=512, device=None,
                    dtype=torch.float32):
-    """cos and sin of n * theta_j for positions n = start .. start+length-1, each (length, D/2).
-    Dynamic NTK sizes its base for the sequence length seq_len = start + length (a cache asks for
-    all its positions at once, so that is the final length, fixed for the whole generation)."""
-    rope = parse_scaling(scaling).rope
-    seq_len = start + length
-    positions = torch.arange(start, start + length, device=device, dtype=torch.float64)
-    if rope and rope[0] == "dynamic" and seq_len > train_len and head_dim > 2:
-        factor = rope[1]  # base' = base * (factor * L / L_train - (factor - 1)) ** (D / (D - 2))
-        base = base * (factor * seq_len / train_len - (factor - 1)) ** (head_dim / (head_dim - 2))
-    if rope and rope[0] == "linear":
-        positions = positions / rope[1]  # position interpolation
-    theta = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    """cos and sin of n * theta_j for positions n = start .. start+length-1, each (length, D/2). The
+    dynamic forms size themselves for the sequence length L = start + length (a cache asks for all its
+    positions at once, so that is the final length, fixed for the whole generation)."""
+    kind, factor = (scaling or Scaling())[:2]
+    L = start + length
+    positions = torch.arange(start, L, dtype=torch.float64)
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    mscale = 1.0
+    if kind == "dynamic" and L > train_len and head_dim > 2:
+        # base' = base * (F * L / L_train - (F - 1)) ** (D / (D - 2))
+        base = base * (factor * L / train_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+        theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    elif kind == "linear":
+        positions = positions / factor
+    elif kind in ("yarn", "yarn-dynamic"):
+        s = factor if kind == "yarn" else max(1.0, L / train_len)
+        if s > 1:
+            theta, mscale = yarn_frequencies(theta, base, s, train_len)
     angles = positions[:, None] * theta[None, :]  # (length, D/2), float64 so n up to 1e5+ is exact
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return tuple((mscale * f(angles)).to(device=device, dtype=dtype) for f in (torch.cos, torch.sin))
 
 
 def rotate(x, cos, sin):
@@ -191,10 +185,9 @@ def sdpa(q, k, v, dropout_p=0.0, scale=None):
     """Causal SDPA for queries at the last Tq of Tk positions. is_causal alone would align the mask
     top-left when Tq < Tk, so that case gets an explicit bottom-right mask."""
     Tq, Tk = q.size(-2), k.size(-2)
-    if Tq == Tk or Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=Tq > 1, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(Tq, Tk, q.device), dropout_p=dropout_p,
-                                          scale=scale)
+    mask = None if Tq == Tk or Tq == 1 else causal_mask(Tq, Tk, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=mask is None and Tq > 1, scale=scale)
 
 
 def tau_of(t):
@@ -263,42 +256,23 @@ def alibi_scores_naive(q, k, slopes):
     return q @ k.transpose(-2, -1) / math.sqrt(D) - slopes.to(q.dtype)[:, None, None] * distance
 
 
-@functools.lru_cache(maxsize=16)
-def causal_block_mask(T, device):
-    return create_block_mask(lambda b, h, m, n: m >= n, None, None, T, T, device=device)
-
-
-compiled_flex = torch.compile(flex_attention) if flex_attention is not None else None  # compiles on first call
-
-
-def alibi_flex(q, k, v, slopes, row_scale=None, kernel=None):
-    """ALiBi through FlexAttention, Tq == Tk: the bias is made per tile in score_mod, never as a matrix."""
-    H, T = q.size(1), q.size(2)
-    rs = None if row_scale is None else row_scale.expand(1, H, T, 1).reshape(H, T).contiguous()
-
-    def score_mod(score, b, h, m, n):
-        score = score - slopes[h] * (m - n)
-        return score if rs is None else score * rs[h, m]
-    return (kernel or compiled_flex)(q, k, v, score_mod=score_mod, block_mask=causal_block_mask(T, q.device))
-
-
 def alibi_sdpa(q, k, v, slopes, row_scale=None, dropout_p=0.0, chunk=512):
-    """ALiBi as plain SDPA for queries at the last Tq of Tk positions (FlexAttention for whole sequences
-    on CUDA). Softmax ignores a constant per row, so -slope_h (m - n) may become slope_h (n - m0) for any
-    m0 fixed per chunk of queries: one more coordinate, slope_h sqrt(D) on q and n - m0 on k. With m0 the
+    """ALiBi as plain SDPA, queries at the last Tq of Tk positions. Softmax ignores a constant per row,
+    so -slope_h (m - n) may become slope_h (n - m0) for any m0 fixed per chunk of queries: one extra
+    coordinate, bias_q = slope_h sqrt(D) on the query and bias_k = n - m0 on the key. With m0 the
     chunk's first position the added logits stay small where the weights are large (float32 at least)."""
     B, H, Tq, D = q.shape
     Tk = k.size(-2)
-    if compiled_flex is not None and q.is_cuda and Tq == Tk and dropout_p == 0 and D >= 16:
-        return alibi_flex(q, k, v, slopes, row_scale)
     work = torch.promote_types(q.dtype, torch.float32)  # positions are exact integers in float32
-    n = torch.arange(Tk, device=q.device, dtype=work)
+    bias_q = (slopes.to(work) * math.sqrt(D)).view(1, H, 1, 1)
+    n = torch.arange(Tk, device=q.device, dtype=work).view(1, 1, Tk, 1)
     out = []
     for s in range(0, Tq, chunk):
         e, m0 = min(s + chunk, Tq), Tk - Tq + s
         end = m0 + e - s  # keys past the chunk's last query are masked anyway
-        qc = torch.cat((q[:, :, s:e].to(work), (slopes.to(work) * math.sqrt(D)).view(1, H, 1, 1).expand(B, H, e - s, 1)), -1)
-        kc = torch.cat((k[:, :, :end].to(work), (n[:end] - m0).view(1, 1, end, 1).expand(B, H, end, 1)), -1)
+        bias_k = n[:, :, :end] - m0
+        qc = torch.cat((q[:, :, s:e].to(work), bias_q.expand(B, H, e - s, 1)), -1)
+        kc = torch.cat((k[:, :, :end].to(work), bias_k.expand(B, H, end, 1)), -1)
         vc = F.pad(v[:, :, :end].to(work), (0, 1))  # q, k, v of one width keep SDPA on its fast kernels
         if row_scale is not None:  # the whole row, bias included, as the naive path scales it
             qc = qc * row_scale[..., s:e, :].to(work)
@@ -306,11 +280,21 @@ def alibi_sdpa(q, k, v, slopes, row_scale=None, dropout_p=0.0, chunk=512):
     return torch.cat(out, dim=2)
 
 
+def alibi_attend(q, k, v, slopes, row_scale=None, dropout_p=0.0):
+    """ALiBi's fast path: FlexAttention (section 4) for whole sequences on CUDA, else the SDPA form."""
+    D = q.size(-1)
+    flex_fits = q.size(-2) == k.size(-2) and dropout_p == 0 and D >= 16 and D & (D - 1) == 0
+    if flex_attention is not None and q.is_cuda and flex_fits:
+        return alibi_flex(q, k, v, slopes, row_scale)
+    return alibi_sdpa(q, k, v, slopes, row_scale, dropout_p)
+
+
 NAIVE_SCORES = {"coca": coca_scores_naive, "coca-slack": slack_scores_naive, "rope": rope_scores_naive}
 SDPA_QK = {"coca": coca_sdpa_qk, "coca-slack": slack_sdpa_qk, "rope": rope_sdpa_qk}
 
 
-def attention(variant, impl, q, t, v, rot=None, slopes=None, row_scale=None, dropout_p=0.0, cache=None, layer=0):
+def attention(variant, impl, q, t, v, *, rot=None, slopes=None, row_scale=None, dropout_p=0.0, cache=None,
+              layer=0):
     """One attention variant on (B, H, T, D) inputs; naive and fast give the same output. With a cache
     (fast only) this step's keys are stored in SDPA form and the queries attend to every key so far."""
     if row_scale is not None:
@@ -324,25 +308,54 @@ def attention(variant, impl, q, t, v, rot=None, slopes=None, row_scale=None, dro
     if cache is not None:
         ks, v = cache.update(layer, ks, v)
     if variant == "alibi":
-        return alibi_sdpa(qs, ks, v, slopes, row_scale, dropout_p)
+        return alibi_attend(qs, ks, v, slopes, row_scale, dropout_p)
     return sdpa(qs if row_scale is None else qs * row_scale, ks, v, dropout_p)
+
+# -----------------------------------------------------------------------------------------------
+# Kernels. ALiBi through FlexAttention on CUDA: the bias is made per tile in score_mod, never as a matrix.
+
+
+@functools.lru_cache(maxsize=16)
+def causal_block_mask(T, device):
+    return create_block_mask(lambda b, h, m, n: m >= n, None, None, T, T, device=device)
+
+
+@functools.cache
+def compiled_flex():
+    """flex_attention compiled once, on first use (the uncompiled form is slow and memory hungry)."""
+    return torch.compile(flex_attention)
+
+
+def alibi_flex(q, k, v, slopes, row_scale=None, kernel=None):
+    """ALiBi through FlexAttention, Tq == Tk, with its penalty (and row scale) in score_mod."""
+    H, T = q.size(1), q.size(2)
+    rs = None if row_scale is None else row_scale.expand(1, H, T, 1).reshape(H, T).contiguous()
+
+    def score_mod(score, b, h, m, n):
+        score = score - slopes[h] * (m - n)
+        return score if rs is None else score * rs[h, m]
+    mask = causal_block_mask(T, q.device)
+    return (kernel or compiled_flex())(q, k, v, score_mod=score_mod, block_mask=mask)
+
+# -----------------------------------------------------------------------------------------------
+# The key/value cache.
 
 
 class KVCache:
     """Keys in SDPA form (strict: K', slack: K'', rope: rotated k, alibi: k) and values of every layer,
     preallocated to max_len, and the position of the next token. Those keys depend on their own token
     and position only, so they stay valid as the sequence grows. The rotary rows are computed once for
-    all max_len positions: dynamic NTK sizes its base for max_len, so cached keys never go stale; logn
-    scales queries only, so it never touches them either."""
+    all max_len positions: dynamic NTK and dynamic YaRN size themselves for max_len, so cached keys
+    never go stale; logn scales queries only, so it never touches them either."""
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, scaling=None):
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.scaling = parse_scaling(scaling)
+        self.scaling = checked_scaling(scaling)
         self.rot = None if config.attention == "alibi" else rotary_cos_sin(
-            0, max_len, head_dim, config.rope_base, self.scaling, config.block_size, device=device, dtype=dtype)
+            0, max_len, head_dim, config.rope_base, self.scaling, config.block_size, device, dtype)
         self.max_len, self.pos = max_len, 0
 
     def next_positions(self, T):
@@ -360,6 +373,14 @@ class KVCache:
 
     def advance(self, T):
         self.pos += T
+
+
+def checked_scaling(scaling):
+    if scaling is None:
+        return Scaling()
+    if not isinstance(scaling, Scaling):
+        raise TypeError(f"scaling {scaling!r} is not a Scaling (nanococa.common.parse_scaling reads text)")
+    return scaling
 
 # -----------------------------------------------------------------------------------------------
 # The transformer.
@@ -389,8 +410,8 @@ class CausalSelfAttention(nn.Module):
         if self.ssmax is not None:  # each row of logits times s_h * log(m + 1): (H, T, 1)
             s = self.ssmax[:, None, None] * log_m.to(self.ssmax.dtype)
             row_scale = s if row_scale is None else s * row_scale
-        y = attention(self.variant, self.impl, q, t, v, rot, self.slopes, row_scale,
-                      self.dropout if self.training else 0.0, cache, self.layer)
+        y = attention(self.variant, self.impl, q, t, v, rot=rot, slopes=self.slopes, row_scale=row_scale,
+                      dropout_p=self.dropout if self.training else 0.0, cache=cache, layer=self.layer)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -427,7 +448,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # no position table: rotary or ALiBi does it
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # no position table: rotary or ALiBi
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -459,9 +480,9 @@ class GPT(nn.Module):
         if cache is not None:
             (start, rot), scaling = cache.next_positions(T), cache.scaling
         else:
-            start, scaling = pos_offset, parse_scaling(scaling)
+            start, scaling = pos_offset, checked_scaling(scaling)
             rot = None if cfg.attention == "alibi" else rotary_cos_sin(
-                start, T, cfg.n_embd // cfg.n_head, cfg.rope_base, scaling, cfg.block_size, idx.device, x.dtype)
+                start, T, cfg.n_embd // cfg.n_head, cfg.rope_base, scaling, cfg.block_size, x.device, x.dtype)
         log_m = log_key_count(start, T, idx.device)  # (T, 1), for logn and ssmax
         row_scale = logn_scale(log_m, cfg.block_size) if scaling.logn else None
         for block in self.transformer.h:
@@ -475,7 +496,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, **kw))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with two groups: matrices (embeddings, linear weights) decay; vectors (norm weights,
@@ -527,7 +549,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set whose mass reaches top_p,
+        drop[:, 0] = False  # and always the most likely token (a top_p that rounds to 0 would drop them all)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

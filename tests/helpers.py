@@ -11,10 +11,13 @@ import torch
 from hypothesis import strategies as st
 
 from nanococa import checkpoint, errors
+from nanococa.common import parse_scaling
 from nanococa.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# every rotary scaling the model file knows (None: none); YaRN's static factor keeps its ramp non-trivial
+ROTARY_SCALINGS = [None] + [parse_scaling(s) for s in ("dynamic:4", "linear:2", "yarn:8", "yarn:dynamic")]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-4)}
 
 
@@ -25,7 +28,7 @@ def attn_inputs(draw, max_len=300, max_elems=3_000_000):
     B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     T = draw(st.integers(1, max(1, min(max_len, int((max_elems / (B * H * D)) ** 0.5)))))
     return dict(B=B, H=H, T=T, D=D, offset=draw(st.integers(0, 100_000)), seed=draw(st.integers(0, 2**31 - 1)),
-                scaling=draw(st.sampled_from([None, ("dynamic", 4.0)])))
+                scaling=draw(st.sampled_from(ROTARY_SCALINGS)))
 
 
 def randn(shape, seed, dtype, n=3, scale=1.0):

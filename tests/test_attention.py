@@ -6,6 +6,7 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from helpers import TOL, attn_inputs, randn
+from nanococa.common import parse_scaling
 from nanococa.model import (ATTENTIONS, alibi_flex, alibi_scores_naive, alibi_sdpa, alibi_slopes, attention,
                             coca_keys_literal, coca_scores_naive, flex_attention, log_key_count, logn_scale,
                             rotary_cos_sin, rotate, slack_scores_naive, tau_of)
@@ -28,7 +29,7 @@ def row_scale_for(s, kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @given(s=attn_inputs(), scale=st.sampled_from(["none", "row", "head-row"]))
-@example(s=dict(B=1, H=1, T=150, D=128, offset=100_000, seed=1, scaling=("dynamic", 4.0)), scale="none")
+@example(s=dict(B=1, H=1, T=150, D=128, offset=100_000, seed=1, scaling=parse_scaling("dynamic:4")), scale="none")
 @example(s=dict(B=2, H=3, T=400, D=2, offset=99_999, seed=2, scaling=None), scale="head-row")
 def test_naive_equals_fast_forward_and_gradients(variant, dtype, s, scale):
     shape = (s["B"], s["H"], s["T"], s["D"])
@@ -38,7 +39,7 @@ def test_naive_equals_fast_forward_and_gradients(variant, dtype, s, scale):
     w = randn(shape, s["seed"] + 1, dtype, n=1)[0]
     for impl in ("naive", "fast"):
         q, t, v = (x.requires_grad_() for x in randn(shape, s["seed"], dtype))
-        y = attention(variant, impl, q, t, v, rot, slopes, row_scale)
+        y = attention(variant, impl, q, t, v, rot=rot, slopes=slopes, row_scale=row_scale)
         (y * w).sum().backward()
         outs.append(y.detach())
         grads.append([q.grad, t.grad, v.grad])
@@ -76,7 +77,7 @@ def test_alibi_flex_score_mod_equals_the_bias_matrix(scale):
     slopes = alibi_slopes(6).double()
     row_scale = row_scale_for(s, scale, torch.float64)
     got = alibi_flex(q, k, v, slopes, row_scale, kernel=flex_attention)
-    torch.testing.assert_close(got, attention("alibi", "naive", q, k, v, None, slopes, row_scale), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, attention("alibi", "naive", q, k, v, slopes=slopes, row_scale=row_scale), rtol=1e-10, atol=1e-10)
 
 
 def test_alibi_slopes_follow_the_paper():
@@ -95,7 +96,7 @@ def test_alibi_weights_decay_geometrically_with_distance(impl):
     k = torch.randn(1, H, T, 8, dtype=torch.float64)
     v = torch.eye(T, dtype=torch.float64).expand(1, H, T, T)  # the output row is the attention row
     slopes = alibi_slopes(H).double()
-    att = attention("alibi", impl, q, k, v, None, slopes)
+    att = attention("alibi", impl, q, k, v, slopes=slopes)
     m = T - 1
     ratio = att[0, :, m, 1:] / att[0, :, m, :-1]  # weight of key n+1 over key n
     torch.testing.assert_close(ratio, torch.exp(slopes)[:, None].expand(H, T - 1))
@@ -137,7 +138,7 @@ def test_shift_invariance_of_strict_and_rope(variant, impl, s, shift):
     q, t, v = randn(shape, s["seed"], torch.float64)
     r0 = rotary_cos_sin(s["offset"], s["T"], s["D"], dtype=torch.float64)
     r1 = rotary_cos_sin(s["offset"] + shift, s["T"], s["D"], dtype=torch.float64)
-    torch.testing.assert_close(attention(variant, impl, q, t, v, r0), attention(variant, impl, q, t, v, r1),
+    torch.testing.assert_close(attention(variant, impl, q, t, v, rot=r0), attention(variant, impl, q, t, v, rot=r1),
                                rtol=1e-7, atol=1e-7)
 
 

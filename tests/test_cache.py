@@ -6,15 +6,18 @@ import torch
 from hypothesis import given, strategies as st
 
 from helpers import run_script, tiny_gpt
+from nanococa.common import parse_scaling
 from nanococa.model import ATTENTIONS, KVCache
 
 
 @pytest.mark.parametrize("attn_scale", ["none", "ssmax"])
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @given(prompt_len=st.integers(1, 70), chunk=st.integers(1, 32), steps=st.integers(0, 12),
-       scaling=st.sampled_from([None, "dynamic:4", "linear:2", "logn", "dynamic:4+logn"]), seed=st.integers(0, 1000))
+       scaling=st.sampled_from(["none", "dynamic:4", "linear:2", "logn", "dynamic:4+logn", "yarn:4", "yarn:dynamic",
+                                "yarn:dynamic+logn"]), seed=st.integers(0, 1000))
 def test_cached_generation_equals_one_full_forward(variant, attn_scale, prompt_len, chunk, steps, scaling, seed):
     model = tiny_gpt(variant, dtype=torch.float64, block_size=16, attn_scale=attn_scale)  # NTK and logn act past 16
+    scaling = parse_scaling(scaling)
     g = torch.Generator().manual_seed(seed)
     total = prompt_len + steps
     idx = torch.randint(0, 61, (2, total), generator=g)
@@ -63,12 +66,12 @@ def test_cache_needs_the_fast_path():
 
 PROBE_32K = """
 import json, resource, sys, time, torch
-from nanococa.model import GPT, GPTConfig
+from nanococa.model import GPT, GPTConfig, Scaling
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=2, n_head=4, n_embd=128, attention=sys.argv[1])).eval()
 prompt = torch.randint(0, 257, (1, 32768))
 t0 = time.perf_counter()
-out = model.generate(prompt, 16, temperature=0, scaling="dynamic:4")
+out = model.generate(prompt, 16, temperature=0, scaling=Scaling("dynamic", 4.0))
 dt = time.perf_counter() - t0
 print(json.dumps(dict(shape=list(out.shape), seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
 """

@@ -57,7 +57,7 @@ def test_dtypes_are_defined_once():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--max_itres=5"], ["unknown option", "--max_iters", "--preset"]),
+    (["--max_itres=5"], ["unknown option", "did you mean --max_iters"]),
     (["--max_iters=five"], ["--max_iters", "five", "int"]),
     (["--compile=maybe"], ["boolean"]),
     (["--attention=xpos"], ["xpos", "coca-slack", "alibi"]),
@@ -65,7 +65,7 @@ def test_dtypes_are_defined_once():
     (["--preset=huge"], ["huge", "shakespeare-cpu"]),
     (["--device=tpu"], ["tpu", "cuda"]),
     (["--batch_size=0"], ["batch_size"]),
-    (["--max_iters"], ["needs a value"]),
+    (["--max_iters"], ["--max_iters", "expected one argument"]),
     (["max_iters=5"], ["unknown option"]),
     (["--n_embd=30", "--n_head=2"], ["odd"]),
     (["--dtype=float64"], ["dtype", "bfloat16"]),
@@ -83,6 +83,9 @@ def test_dtypes_are_defined_once():
     (["--rope_base=inf"], ["rope_base", "finite"]),
     (["--eval_lengths=512,abc"], ["eval_lengths"]),
     (["--eval_windows=0"], ["eval_windows"]),
+    (["--passkey_mix=1.5"], ["passkey_mix", "[0, 1]"]),
+    (["--passkey_mix=-0.1"], ["passkey_mix"]),
+    (["--passkey_trials=0"], ["passkey_trials"]),
     (["--resume", "--init_from=out"], ["--resume", "--init_from"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ])

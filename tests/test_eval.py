@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from helpers import run_main, run_script, save_tiny_checkpoint, tiny_gpt
-from nanococa import evaluate
+from nanococa import evaluate, passkey, report
 from nanococa.data import Split, prepare
 from nanococa.errors import UserError
 from nanococa.tokenizer import get_tokenizer
@@ -72,37 +72,37 @@ def test_a_length_beyond_the_longest_document_names_it(split):
 @given(length=st.integers(300, 3000), depth=st.floats(0, 1), key=st.integers(10000, 99999))
 def test_passkey_builder_puts_the_key_at_the_requested_depth_and_length(length, depth, key):
     tok = get_tokenizer("bytes")
-    ids, at, answer = evaluate.build_passkey(tok, length, depth, str(key))
-    assert len(ids) == length
+    ids, at, answer = passkey.build(tok, length, depth, str(key))
+    assert len(ids) + len(answer) == length  # the answer's last token sits at position length - 1
     text = tok.decode(ids)
     sentence = f" The pass key is {key}. Remember it. {key} is the pass key. "
     assert text.index(sentence) == at and text.count(f"{key}") == 2
-    head, question = len(evaluate.PASSKEY_TASK), len(evaluate.PASSKEY_QUESTION)
-    filler = length - head - len(sentence) - question
+    head, question = len(passkey.TASK), len(passkey.QUESTION)
+    filler = length - head - len(sentence) - question - len(answer)
     assert at - head == round(depth * filler)  # the filler before the key is `depth` of all filler
-    assert text.endswith(evaluate.PASSKEY_QUESTION) and tok.decode(answer) == f" {key}"
+    assert text.endswith(passkey.QUESTION) and tok.decode(answer) == f" {key}"
 
 
 def test_gpt2_passkey_is_exactly_the_length_asked():
     tok = get_tokenizer("gpt2")
     for n in (512, 1000, 4096):
-        ids, at, _ = evaluate.build_passkey(tok, n, 0.5, "12345")
-        assert len(ids) == n and "The pass key is 12345" in tok.decode(ids[at:at + 12])
+        ids, at, answer = passkey.build(tok, n, 0.5, "12345")
+        assert len(ids) + len(answer) == n and "The pass key is 12345" in tok.decode(ids[at:at + 12])
 
 
 def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
     save_tiny_checkpoint(tmp_path / "coca", block_size=64)
     save_tiny_checkpoint(tmp_path / "alibi", block_size=64, attention="alibi")
     out = run_script("eval_length.py", "--ckpt", tmp_path / "coca", tmp_path / "alibi", "--lengths", "64,128,256",
-                     "--target=32", "--windows=3", "--passkey-trials=1", "--scalings=none,dynamic:4+logn,logn",
+                     "--target=32", "--windows=3", "--passkey_trials=10", "--scalings=none,dynamic:4+logn,logn",
                      f"--out-dir={tmp_path / 'res'}", f"--data-dir={tmp_path / 'data'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| model | 64 | 128 | 256 |" in out.stdout
     res = json.load(open(tmp_path / "res" / "results.json"))
-    assert tuple(res["columns"]) == evaluate.COLUMNS and len(res["results"]) == 18  # 2 models x 3 scalings x 3 lengths
+    assert tuple(res["columns"]) == report.COLUMNS and len(res["results"]) == 18  # 2 models x 3 scalings x 3 lengths
     with open(tmp_path / "res" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == evaluate.COLUMNS and len(rows) == 18
+    assert tuple(rows[0]) == report.COLUMNS and len(rows) == 18
     assert {r["scaling"] for r in rows} == {"none", "dynamic:4+logn", "logn"}
     for r in res["results"]:  # every cell: its windows, and an interval around the value
         assert r["units"] == 3 and len(r["unit_nll"]) == 3
@@ -144,12 +144,13 @@ def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["--ckpt", "/no/such/ckpt"], ["no checkpoint"]),
-    (["--scalings", "yarn:2"], ["scaling", "yarn"]),
+    (["--scalings", "yarn:0.5"], ["scaling", "yarn"]),
     (["--scalings", "dynamic:4+dynamic:2"], ["dynamic"]),
     (["--scalings", "dynamic:nan"], ["finite"]),
-    (["--scalings", "none,none"], ["twice"]),
     (["--lengths", "512,abc"], ["lengths"]),
-    (["--out-dir", "/proc/no-such-place"], ["--out-dir", "cannot be written"]),
+    (["--out-dir", "/proc/no-such-place"], ["--out_dir", "cannot be written"]),
+    (["--passkey_trials", "1000000000"], ["--passkey_trials", "10,000"]),
+    (["--seed", "-1"], ["--seed"]),
     (["--device", "bogus"], ["--device", "bogus"]),
     (["--device", "mps"], ["mps"]),
 ])

@@ -192,8 +192,8 @@ def test_tracked_lengths_longer_than_any_validation_document_fail_at_start(tmp_p
 
 def test_bench_checks_its_output_and_sizes_first():
     for argv, words in ((["--out=/proc/x/bench.json"], ["--out"]), (["--batch=0"], ["--batch"]),
-                        (["--lengths=0"], ["lengths"]), (["--heads=-1"], ["--heads"]), (["--head-dim=63"], ["odd"]),
-                        (["--preset=huge"], ["huge"]), (["--bogus"], ["unrecognized"])):
+                        (["--lengths=0"], ["lengths"]), (["--heads=-1"], ["--heads"]), (["--head_dim=63"], ["odd"]),
+                        (["--preset=huge"], ["huge"]), (["--bogus"], ["unknown option --bogus"])):
         code, _, err = run_main("nanococa.bench", "--quick", "--device=cpu", *argv)
         assert code == 2 and err.startswith("error: ") and all(w in err for w in words), err
 

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from helpers import run_script, tiny_gpt
-from nanococa.model import ATTENTIONS, GPTConfig, Scaling, attention, parse_scaling, rotary_cos_sin
+from nanococa.common import parse_scaling
+from nanococa.model import ATTENTIONS, GPTConfig, Scaling, attention, rotary_cos_sin
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -19,7 +20,7 @@ from nanococa.model import ATTENTIONS, GPTConfig, Scaling, attention, parse_scal
     (dict(bias="yes"), ["bias"]),
     (dict(n_layer=2.0), ["n_layer"]),
     (dict(attn_impl="flash"), ["flash", "naive"]),
-    (dict(n_embd=30, n_head=2), ["odd", "15"]),
+    (dict(n_embd=30, n_head=2), ["odd", "15", "coca"]),
     (dict(n_embd=30, n_head=4), ["divisible"]),
     (dict(dropout=1.5), ["dropout"]),
     (dict(n_layer=0), ["n_layer"]),
@@ -33,7 +34,8 @@ def test_bad_config_is_refused_by_name(kw, words):
 
 @pytest.mark.parametrize("bad, words", [
     ("ntk:4", ["ntk:4", "logn"]), ("dynamic:x", ["not a number"]), ("linear:0.5", ["at least 1"]),
-    (("yarn", 2.0), ["yarn"]), ("dynamic:inf", ["finite"]), ("dynamic:nan", ["finite"]),
+    ("yarn", ["yarn"]), ("yarn:static", ["not a number"]), ("yarn:0.5", ["at least 1"]),
+    ("yarn:4+dynamic:2", ["rope scaling"]), ("dynamic:inf", ["finite"]), ("dynamic:nan", ["finite"]),
     ("dynamic:4+dynamic:2", ["dynamic"]), ("dynamic:4+linear:2", ["rope scaling"]), ("logn+logn", ["logn"]),
     ("logn:2", ["logn:2"]), ("", ["''"]), ("dynamic", ["dynamic"]),
 ])
@@ -44,32 +46,39 @@ def test_bad_scaling_is_refused_by_name(bad, words):
 
 
 def test_parse_scaling_forms():
-    assert parse_scaling(None) == parse_scaling("none") == Scaling(None, False)
-    assert parse_scaling("dynamic:4") == Scaling(("dynamic", 4.0), False) == parse_scaling(("dynamic", 4))
-    assert parse_scaling("linear:8").rope == ("linear", 8.0)
-    assert parse_scaling("dynamic:4+logn") == Scaling(("dynamic", 4.0), True) == parse_scaling(" logn + dynamic:4 ")
-    assert parse_scaling("logn") == Scaling(None, True) == parse_scaling("none+logn")
+    assert parse_scaling("none") == Scaling()
+    assert parse_scaling("dynamic:4") == Scaling("dynamic", 4.0) == parse_scaling("dynamic:4.0")
+    assert parse_scaling("linear:8") == Scaling("linear", 8.0)
+    assert parse_scaling("dynamic:4+logn") == Scaling("dynamic", 4.0, True) == parse_scaling(" logn + dynamic:4 ")
+    assert parse_scaling("logn") == Scaling(logn=True) == parse_scaling("none+logn")
+    assert parse_scaling("yarn:16") == Scaling("yarn", 16.0)
+    assert parse_scaling("yarn:dynamic+logn") == Scaling("yarn-dynamic", 1.0, True)
+
+
+def test_the_model_refuses_a_scaling_given_as_text():
+    with pytest.raises(TypeError, match="parse_scaling"):
+        tiny_gpt()(torch.zeros(1, 3, dtype=torch.long), scaling="dynamic:4")
 
 
 @pytest.mark.parametrize("variant", ATTENTIONS)
 def test_logn_changes_nothing_within_the_training_length_and_something_beyond(variant):
     model = tiny_gpt(variant, dtype=torch.float64, block_size=16)
     idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(0))
-    plain, logn = model(idx)[0], model(idx, scaling="logn")[0]
+    plain, logn = model(idx)[0], model(idx, scaling=parse_scaling("logn"))[0]
     assert torch.equal(plain[:, :16], logn[:, :16])
     assert not torch.allclose(plain[:, 17:], logn[:, 17:])
 
 
 def test_dynamic_ntk_changes_nothing_within_the_training_length():
-    a = rotary_cos_sin(0, 64, 16, scaling="dynamic:4", train_len=64, dtype=torch.float64)
+    a = rotary_cos_sin(0, 64, 16, scaling=parse_scaling("dynamic:4"), train_len=64, dtype=torch.float64)
     b = rotary_cos_sin(0, 64, 16, dtype=torch.float64)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c = rotary_cos_sin(0, 65, 16, scaling="dynamic:4", train_len=64, dtype=torch.float64)
+    c = rotary_cos_sin(0, 65, 16, scaling=parse_scaling("dynamic:4"), train_len=64, dtype=torch.float64)
     assert not torch.allclose(c[0][:64], b[0])
 
 
 def test_linear_scaling_divides_positions():
-    a = rotary_cos_sin(0, 40, 16, scaling="linear:4", dtype=torch.float64)
+    a = rotary_cos_sin(0, 40, 16, scaling=parse_scaling("linear:4"), dtype=torch.float64)
     b = rotary_cos_sin(0, 10, 16, dtype=torch.float64)
     torch.testing.assert_close(a[0][::4], b[0])
 
@@ -90,14 +99,14 @@ def test_gpt_is_causal(variant, T, i, seed):
 @pytest.mark.parametrize("attn_scale", ["none", "ssmax"])
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @given(T=st.integers(1, 48), seed=st.integers(0, 1000), offset=st.integers(0, 5000),
-       scaling=st.sampled_from(["none", "logn", "dynamic:4+logn"]))
+       scaling=st.sampled_from(["none", "logn", "dynamic:4+logn", "yarn:dynamic+logn"]))
 def test_gpt_naive_equals_fast_loss_and_gradients(variant, attn_scale, T, seed, offset, scaling):
     g = torch.Generator().manual_seed(seed)
     idx, targets = torch.randint(0, 61, (2, T), generator=g), torch.randint(0, 61, (2, T), generator=g)
     results = []
     for impl in ("naive", "fast"):
         model = tiny_gpt(variant, impl, seed=seed, dtype=torch.float64, attn_scale=attn_scale, block_size=16)
-        _, loss = model(idx, targets, pos_offset=offset, scaling=scaling)
+        _, loss = model(idx, targets, pos_offset=offset, scaling=parse_scaling(scaling))
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-10)
@@ -110,7 +119,7 @@ def test_naive_path_refuses_beyond_its_budget(variant):
     q = torch.zeros(1, 1, 1, 1, 64).expand(64, 16, 1, 1024, 64)[:, :, 0]  # (64, 16, 1024, 64), no memory
     rot = rotary_cos_sin(0, 1024, 64)
     with pytest.raises(RuntimeError, match="attn_impl='fast'"):
-        attention(variant, "naive", q, q, q, rot, torch.ones(16))
+        attention(variant, "naive", q, q, q, rot=rot, slopes=torch.ones(16))
 
 
 @pytest.mark.parametrize("variant", ["coca", "rope", "alibi"])

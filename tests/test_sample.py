@@ -14,20 +14,20 @@ def ckpt(tmp_path_factory):
 
 
 def test_sample_streams_and_reports(ckpt):
-    out = run_script("sample.py", f"--ckpt={ckpt}", "--prompt=To be", "--max-new-tokens=20", "--scaling=dynamic:4+logn",
-                     "--num-samples=2", "--top-p=0.9")
+    out = run_script("sample.py", f"--ckpt={ckpt}", "--prompt=To be", "--max_new_tokens=20", "--scaling=dynamic:4+logn",
+                     "--num_samples=2", "--top_p=0.9")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("To be") == 2 and "sample 2/2" in out.stdout
     assert "prefill" in out.stderr and "tok/s" in out.stderr and "peak memory" in out.stderr
 
 
 def test_same_seed_same_sample(ckpt):
-    a, b = (run_main("sample", f"--ckpt={ckpt}", "--max-new-tokens=30", "--seed=3") for _ in range(2))
+    a, b = (run_main("sample", f"--ckpt={ckpt}", "--max_new_tokens=30", "--seed=3") for _ in range(2))
     assert a[0] == 0 and a[1] == b[1] and len(a[1]) > 10
 
 
 def test_prompt_from_the_validation_split(ckpt, tmp_path):
-    code, out, err = run_main("sample", f"--ckpt={ckpt}", "--prompt-val-tokens=300", "--max-new-tokens=5",
+    code, out, err = run_main("sample", f"--ckpt={ckpt}", "--prompt_val_tokens=300", "--max_new_tokens=5",
                               f"--data-dir={tmp_path}")
     assert code == 0, err
     assert "the first 300 tokens of hamlet" in err and out.startswith("# Hamlet")
@@ -36,17 +36,18 @@ def test_prompt_from_the_validation_split(ckpt, tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--ckpt=/no/such/dir"], ["no checkpoint"]),
     (["--prompt="], ["prompt is empty"]),
-    (["--prompt=abcdef", "--max-new-tokens=10", "--max-context=12"], ["exceeds --max-context=12"]),
+    (["--prompt=abcdef", "--max_new_tokens=10", "--max_context=12"], ["exceeds --max_context=12"]),
+    (["--prompt=abcdef", "--max-new-tokens=10", "--max-context=12"], ["exceeds --max_context=12"]),  # dashes too
     (["--temperature=-1"], ["--temperature"]),
     (["--temperature=nan"], ["--temperature", "finite"]),
     (["--temperature=inf"], ["--temperature", "finite"]),
-    (["--top-k=0"], ["--top-k"]),
-    (["--top-p=1.5"], ["--top-p"]),
-    (["--scaling=yarn:2"], ["scaling", "yarn"]),
+    (["--top_k=0"], ["--top_k"]),
+    (["--top_p=1.5"], ["--top_p"]),
+    (["--scaling=yarn:fast"], ["scaling", "yarn"]),
     (["--scaling=dynamic:inf"], ["finite"]),
-    (["--rope-scaling=linear:0"], ["at least 1"]),
-    (["--prompt-file=/no/such/file"], ["--prompt-file"]),
-    (["--prompt=a", "--prompt-val-tokens=5"], ["one of"]),
+    (["--rope_scaling=linear:0"], ["at least 1"]),
+    (["--prompt_file=/no/such/file"], ["--prompt_file"]),
+    (["--prompt=a", "--prompt_val_tokens=5"], ["one of"]),
     (["--device=bogus"], ["--device", "bogus"]),
     (["--device=cuda:7"], ["--device"]),
 ])

@@ -1,0 +1,297 @@
+"""Tables, files and plots of eval_length.py: Markdown tables with intervals, results.json / results.csv
+(written atomically), the perplexity plot, the passkey heatmaps (length across, key depth down) and the
+training curves of --eval_lengths runs. Plotting needs the optional matplotlib; training never imports
+this module."""
+import csv
+import io
+import json
+import os
+
+from .common import atomic_write, method_name
+from .errors import UserError
+
+COLUMNS = ("checkpoint", "attention", "attn_scale", "corpus", "tokenizer", "scaling", "protocol", "length",
+           "perplexity", "perplexity_lo", "perplexity_hi", "units", "targets", "unit_nll", "passkey_accuracy",
+           "passkey_lo", "passkey_hi", "passkey_trials", "passkey_depth_hits", "passkey_depth_trials",
+           "passkey_answer_nll", "note")
+# perplexity_lo/hi: 95% bootstrap interval over the scored units (same-targets: windows; sliding: documents);
+# unit_nll: each unit's mean negative log-likelihood (nats per token), space-separated in the CSV;
+# passkey_lo/hi: 95% Wilson interval; passkey_depth_hits/trials: per depth bucket (0-10%, 10-20%, ... of the
+# filler before the key), space-separated in the CSV; passkey_answer_nll: mean NLL of each answer token;
+# note: why a cell holds no number, or what it repeats.
+LISTS = ("unit_nll", "passkey_depth_hits", "passkey_depth_trials", "passkey_answer_nll")
+
+
+def method(r):
+    return method_name(r["attention"], r.get("attn_scale"))
+
+
+def row_label(r):
+    return f"{r['checkpoint']} ({method(r)}, {r['scaling']})"
+
+
+def fmt_cell(r, key):
+    """"5.02 (4.81-5.24)", the value and its interval, or the note where there is no value."""
+    v = r.get(key)
+    if v is None:
+        return r.get("note") or ""
+    lo, hi = (r.get("perplexity_lo"), r.get("perplexity_hi")) if key == "perplexity" else \
+        (r.get("passkey_lo"), r.get("passkey_hi"))
+    return f"{v:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
+
+
+def markdown_table(rows, key):
+    """One line per (checkpoint, scaling), one column per length, of rows[key] with its 95% interval."""
+    lengths = sorted({r["length"] for r in rows})
+    labels = list(dict.fromkeys(row_label(r) for r in rows))
+    cell = {(row_label(r), r["length"]): r for r in rows}
+    out = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for lab in labels:
+        out.append(f"| {lab} | " + " | ".join(fmt_cell(cell[lab, n], key) if (lab, n) in cell else ""
+                                              for n in lengths) + " |")
+    return "\n".join(out)
+
+
+def write_outputs(rows, meta, out_dir, plot=True, log=print):
+    """results.json (meta + rows), results.csv (COLUMNS), each replaced whole or not at all; with plot and
+    matplotlib, results.png and (with passkey rows) passkey.png. Returns the paths written."""
+    doc = json.dumps({"meta": meta, "columns": COLUMNS, "results": rows}, indent=1)
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: " ".join(f"{x:.6f}" if isinstance(x, float) else str(x) for x in r[k])
+                    if k in LISTS and r.get(k) else r.get(k) for k in COLUMNS})
+    written = []
+    for name, text in (("results.json", doc), ("results.csv", table.getvalue())):
+        path = os.path.join(out_dir, name)
+        atomic_write(path, lambda f, text=text: f.write(text), mode="w", what="results file")
+        written.append(path)
+    if plot:
+        for name, draw in (("results.png", plot_results), ("passkey.png", plot_passkey_heatmaps)):
+            path = os.path.join(out_dir, name)
+            if draw(rows, meta, path, log):
+                written.append(path)
+    return written
+
+
+def pyplot(log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        log("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+
+
+def save_figure(fig, plt, path):
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), what="plot")
+    plt.close(fig)
+    return True
+
+
+def length_axis(ax, lengths):
+    import matplotlib.ticker
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+
+
+def log_y_axis(ax):
+    import matplotlib.ticker
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+METHODS = ["coca", "rope", "alibi", "coca-slack", "coca+ssmax", "rope+ssmax", "alibi+ssmax", "coca-slack+ssmax"]
+
+
+def run_styles(runs):
+    """{(method, run): (colour, line style)}: one colour per method (the same in every plot), a line
+    style per run of that method."""
+    styles = {}
+    for m, run in dict.fromkeys(runs):
+        colour = f"C{METHODS.index(m)}" if m in METHODS else "k"
+        k = sum(1 for mm, _ in styles if mm == m)
+        styles[(m, run)] = (colour, ["-", "--", ":", "-."][k % 4])
+    return styles
+
+
+def plot_results(rows, meta, path, log=print):
+    """Perplexity against length, one panel per scaling, one line per checkpoint with its 95% band
+    (a colour per method, a line style per checkpoint); passkey accuracy in a last panel."""
+    rows = [r for r in rows if r.get("perplexity") is not None or r.get("passkey_accuracy") is not None]
+    plt = pyplot(log) if rows else None
+    if plt is None:
+        return False
+    scalings = list(dict.fromkeys(r["scaling"] for r in rows))
+    styles = run_styles((method(r), r["checkpoint"]) for r in rows)
+    has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
+    panels = len(scalings) + has_passkey
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels + 1, 4.6), squeeze=False)
+    ppl_axes = axes[0][:len(scalings)]
+    for ax, scaling in zip(ppl_axes, scalings):
+        for (m, ckpt), (colour, style) in styles.items():
+            mine = sorted((r for r in rows if r["checkpoint"] == ckpt and r["scaling"] == scaling
+                           and r.get("perplexity") is not None), key=lambda r: r["length"])
+            if not mine:
+                continue
+            n = [r["length"] for r in mine]
+            ax.plot(n, [r["perplexity"] for r in mine], style, color=colour, marker="o", ms=3, label=f"{ckpt} ({m})")
+            if all(r.get("perplexity_lo") is not None for r in mine):
+                ax.fill_between(n, [r["perplexity_lo"] for r in mine], [r["perplexity_hi"] for r in mine],
+                                color=colour, alpha=0.12, lw=0)
+        ax.set(xlabel="context length (tokens)", title=f"scaling: {scaling}")
+        ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
+    ppl_axes[0].set_ylabel(f"perplexity, {meta.get('protocol')} (95% band)")
+    if has_passkey:
+        ax = axes[0][-1]
+        for r0 in dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows):
+            pk = sorted((r for r in rows if (r["checkpoint"], r["scaling"]) == r0
+                         and r.get("passkey_accuracy") is not None), key=lambda r: r["length"])
+            if not pk:
+                continue
+            colour, style = styles[(method(pk[0]), r0[0])]
+            acc = [r["passkey_accuracy"] for r in pk]
+            err = [[a - r["passkey_lo"] for a, r in zip(acc, pk)], [r["passkey_hi"] - a for a, r in zip(acc, pk)]]
+            ax.errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, color=colour, marker="o", ms=3,
+                        capsize=2, label=f"{r0[0]} ({r0[1]})")
+        ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
+               title="passkey retrieval")
+        ax.legend(fontsize=6)
+    lengths = sorted({r["length"] for r in rows})
+    values = [v for r in rows for v in (r.get("perplexity_lo"), r.get("perplexity"), r.get("perplexity_hi"))
+              if v is not None]
+    for ax in ppl_axes:
+        log_y_axis(ax)
+        if values:
+            ax.set_ylim(min(values) / 1.1, max(values) * 1.1)  # one scale for every panel: they compare at a glance
+    for ax in axes[0]:
+        length_axis(ax, lengths)
+    ppl_axes[0].legend(fontsize=6)
+    fig.suptitle(f"trained at {meta.get('train_len')}; the same target tokens at every length" if
+                 meta.get("protocol") == "same-targets" else f"trained at {meta.get('train_len')}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
+def plot_passkey_heatmaps(rows, meta, path, log=print):
+    """The needle-in-a-haystack picture: one heatmap per (checkpoint, scaling), context length across, depth
+    of the key in the filler down, colour = accuracy in that cell (its trials printed in the title)."""
+    rows = [r for r in rows if r.get("passkey_depth_trials")]
+    plt = pyplot(log) if rows else None
+    if plt is None:
+        return False
+    pairs = list(dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows))
+    ckpts = list(dict.fromkeys(c for c, _ in pairs))
+    scalings = list(dict.fromkeys(s for _, s in pairs))
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(len(ckpts), len(scalings), figsize=(2.4 * len(scalings) + 1.2, 2.2 * len(ckpts) + 0.6),
+                             squeeze=False)
+    image = None
+    for i, ckpt in enumerate(ckpts):
+        for j, scaling in enumerate(scalings):
+            ax = axes[i][j]
+            cells = {r["length"]: r for r in rows if (r["checkpoint"], r["scaling"]) == (ckpt, scaling)}
+            if not cells:
+                ax.axis("off")
+                continue
+            buckets = len(next(iter(cells.values()))["passkey_depth_trials"])
+            grid = [[(cells[n]["passkey_depth_hits"][b] / cells[n]["passkey_depth_trials"][b])
+                     if n in cells and cells[n]["passkey_depth_trials"][b] else float("nan") for n in lengths]
+                    for b in range(buckets)]
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", interpolation="nearest")
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=6)
+            ax.set_yticks([0, buckets - 1], ["0%", "100%"], fontsize=6)
+            trials = sum(next(iter(cells.values()))["passkey_depth_trials"])
+            method_of = method(next(iter(cells.values())))
+            ax.set_title(f"{os.path.basename(str(ckpt).rstrip('/'))} ({method_of})\n{scaling}, {trials} trials",
+                         fontsize=7)
+            if j == 0:
+                ax.set_ylabel("key depth", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="passkey accuracy")
+    fig.suptitle(f"passkey retrieval by context length and key depth (trained at {meta.get('train_len')})",
+                 fontsize=9)
+    return save_figure(fig, plt, path)
+
+
+def read_length_curves(run_dir, log=print):
+    """(label, method, corpus, [(iter, {length: perplexity}, passkey accuracy or None)]) from the evaluation
+    records of a run's log.jsonl (--eval_lengths, --passkey_mix). Lines that are not JSON records of the
+    expected shape are skipped with a warning naming them."""
+    path = os.path.join(run_dir, "log.jsonl") if os.path.isdir(run_dir) else run_dir
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"--curves: cannot read {path} ({e.strerror or e})") from None
+    records, points, skipped = [], [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            if not isinstance(r, dict):
+                raise ValueError
+            if r.get("event") == "eval" and (r.get("ppl_at_length") or r.get("passkey") is not None):
+                ppl = {int(k): float(v) for k, v in (r.get("ppl_at_length") or {}).items()}
+                points.append((int(r["iter"]), ppl, None if r.get("passkey") is None else float(r["passkey"])))
+            records.append(r)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            skipped.append(i)
+    if skipped:
+        log(f"--curves: {path}: skipped line(s) {', '.join(map(str, skipped[:10]))}"
+            f"{' ...' if len(skipped) > 10 else ''}: not a log record")
+    if not points:
+        raise UserError(f"--curves: {path} has no tracked perplexities or passkey accuracies; train with "
+                        "--eval_lengths=512,2K,8K or --passkey_mix")
+    start = next((r for r in records if r.get("event") == "start" and isinstance(r.get("config"), dict)), {})
+    config = start.get("config", {})
+    name = method_name(config.get("attention", "?"), config.get("attn_scale"))
+    return f"{run_dir} ({name}, seed {config.get('seed', '?')})", name, config.get("corpus"), points
+
+
+def plot_training_curves(run_dirs, path, log=print):
+    """One panel per tracked length: perplexity against training step, one line per run; then the longest
+    length's perplexity over the shortest's, and passkey accuracy at block_size where runs tracked it.
+    Runs on different corpora are refused, as eval_length.py --ckpt refuses them."""
+    runs = [read_length_curves(d, log) for d in run_dirs]
+    corpora = {d: corpus for d, (_, _, corpus, _) in zip(run_dirs, runs)}
+    if len(set(corpora.values())) > 1:
+        listed = ", ".join(f"{d}: {c}" for d, c in corpora.items())
+        raise UserError(f"--curves: these runs trained on different corpora ({listed}); their perplexities do not "
+                        "share a scale: plot them in separate calls")
+    plt = pyplot(log)
+    if plt is None:
+        return runs, False
+    lengths = sorted({n for *_, pts in runs for _, ppl, _ in pts for n in ppl})
+    panels = [("ppl", n) for n in lengths] + ([("ratio", None)] if len(lengths) > 1 else []) \
+        + ([("passkey", None)] if any(pk is not None for *_, pts in runs for *_, pk in pts) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    styles = run_styles((m, label) for label, m, _, _ in runs)
+    for label, m, _, pts in runs:
+        colour, style = styles[(m, label)]
+        kw = dict(ls=style, color=colour, marker="o", ms=2, label=label)
+        for ax, (kind, n) in zip(axes[0], panels):
+            if kind == "ppl":
+                xs = [(i, p[n]) for i, p, _ in pts if n in p]
+            elif kind == "ratio":
+                xs = [(i, p[lengths[-1]] / p[lengths[0]]) for i, p, _ in pts if lengths[0] in p and lengths[-1] in p]
+            else:
+                xs = [(i, pk) for i, _, pk in pts if pk is not None]
+            ax.plot([x for x, _ in xs], [y for _, y in xs], **kw)
+    for ax, (kind, n) in zip(axes[0], panels):
+        if kind == "ppl":
+            ax.set(title=f"perplexity at {n:,} tokens", xlabel="training step")
+            log_y_axis(ax)
+        elif kind == "ratio":
+            ax.set(title=f"{lengths[-1]:,} over {lengths[0]:,}", xlabel="training step", ylabel="ratio")
+        else:
+            ax.set(title="passkey accuracy at the training length", xlabel="training step", ylim=(-0.05, 1.05))
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    return runs, save_figure(fig, plt, path)
