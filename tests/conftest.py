@@ -3,6 +3,7 @@ so the suite is deterministic and quick; HYPOTHESIS_PROFILE=thorough searches ha
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -19,4 +20,12 @@ if os.environ.get("NANOCOCA_TEST_THREADS"):  # CI sets it; elsewhere torch uses 
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (run tests/gpu_check.sh on a GPU)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (.ci/gpu_check.sh runs them on a GPU)")
+    config.addinivalue_line("markers", "slow: seconds each (32K prefills, T = 4096, torchrun, bench, subprocesses); "
+                            "pytest -m 'not slow' leaves them out")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One data cache for the whole session: the corpora the tests train on are tokenized once."""
+    return str(tmp_path_factory.mktemp("data"))

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from nanococa import checkpoint, errors
 from nanococa.common import parse_scaling
+from nanococa.config import make_config
 from nanococa.model import GPT, GPTConfig
+from nanococa.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,3 +70,25 @@ def run_main(script, *argv):
 def run_script(*argv, timeout=300):
     """Run one of the repository's scripts (or `-m module`) in a fresh interpreter."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# A training run of a few seconds: one layer of width 32 on Shakespeare's bytes, 64-token windows.
+MICRO = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
+         "--log_interval=1", "--warmup_iters=2", "--seed=5"]
+
+
+def train_micro(out_dir, data_dir, *extra, log=None):
+    """train.py's job with MICRO sizes into out_dir (the corpus cached in data_dir): (summary, printed lines)."""
+    lines = []
+    summary = train(make_config(MICRO + [f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra]),
+                    log=log or lines.append)
+    return summary, lines
+
+
+def text_corpus(folder, n=12, size=400):
+    """A text:PATH corpus of n small files in folder/src (every tenth file is validation)."""
+    src = folder / "src"
+    src.mkdir(exist_ok=True)
+    for i in range(n):
+        (src / f"f{i:02d}.txt").write_text(f"document {i} " * size)
+    return f"text:{src}"

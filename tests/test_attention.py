@@ -7,9 +7,9 @@ from hypothesis import example, given, strategies as st
 
 from helpers import TOL, attn_inputs, randn
 from nanococa.common import parse_scaling
-from nanococa.model import (ATTENTIONS, alibi_flex, alibi_scores_naive, alibi_sdpa, alibi_slopes, attention,
+from nanococa.model import (ATTENTIONS, Scaling, alibi_flex, alibi_scores_naive, alibi_sdpa, alibi_slopes, attention,
                             coca_keys_literal, coca_scores_naive, flex_attention, log_key_count, logn_scale,
-                            rotary_cos_sin, rotate, slack_scores_naive, tau_of)
+                            rope_scores_naive, rotary_cos_sin, rotate, slack_scores_naive, tau_of)
 
 
 def rot_for(s, dtype, offset=None, train_len=64):
@@ -185,3 +185,71 @@ def test_rotation_preserves_norm_and_composes():
     torch.testing.assert_close(rotate(x, c3, s3), x)
     c7, s7 = rotary_cos_sin(7, 1, 16, dtype=torch.float64)  # rotating by 7 more positions
     torch.testing.assert_close(rotate(rotate(x, c1, s1), c7, s7), rotate(x, c2, s2))
+
+
+# --- YaRN (Peng et al. 2023, as Hugging Face's "yarn" rope type) ---
+
+def yarn_reference(D, base, s, train_len):
+    """Per plane, with nothing from the model file: (theta'_j list, attention factor). A plane keeps theta_j when
+    it turns more than 32 times over the training length, gets theta_j / s when it turns less than once, and in
+    between mixes the two by a weight linear in j from floor(j_32) to ceil(j_1), where j_r is the (fractional)
+    plane that turns r times: train_len * base^(-2 j / D) = 2 pi r."""
+    def plane(r):
+        return D * math.log(train_len / (2 * math.pi * r)) / (2 * math.log(base))
+    lo, hi = max(math.floor(plane(32)), 0), min(math.ceil(plane(1)), D - 1)
+    out = []
+    for j in range(D // 2):
+        theta = base ** (-2 * j / D)
+        w = min(1.0, max(0.0, (j - lo) / ((hi - lo) or 0.001)))  # 0: keep theta, 1: theta / s
+        out.append(theta * (1 - w) + theta / s * w)
+    return out, (0.1 * math.log(s) + 1 if s > 1 else 1.0)
+
+
+@given(half=st.integers(2, 64), base=st.sampled_from([500.0, 10000.0, 100000.0]), s=st.floats(1.0, 64.0),
+       train_len=st.sampled_from([16, 64, 512, 4096]), start=st.integers(0, 50_000))
+def test_yarn_tables_equal_the_per_plane_formula(half, base, s, train_len, start):
+    D = 2 * half
+    cos, sin = rotary_cos_sin(start, 7, D, base, Scaling("yarn", s), train_len, dtype=torch.float64)
+    thetas, factor = yarn_reference(D, base, s, train_len)
+    for i, n in enumerate(range(start, start + 7)):
+        for j, th in enumerate(thetas):
+            assert cos[i, j].item() == pytest.approx(factor * math.cos(n * th), abs=1e-9)
+            assert sin[i, j].item() == pytest.approx(factor * math.sin(n * th), abs=1e-9)
+
+
+def test_yarn_keeps_fast_planes_and_interpolates_slow_ones():
+    D, base, L, s = 64, 10000.0, 512, 8.0
+    plain = rotary_cos_sin(1, 1, D, base, dtype=torch.float64)
+    yarn = rotary_cos_sin(1, 1, D, base, Scaling("yarn", s), L, dtype=torch.float64)
+    factor = 0.1 * math.log(s) + 1
+    theta = torch.atan2(yarn[1], yarn[0])[0]  # position 1: the angle is theta'_j itself
+    theta0 = torch.atan2(plain[1], plain[0])[0]
+    turns = L * theta0 / (2 * math.pi)
+    assert torch.allclose(theta[turns > 40], theta0[turns > 40])  # turn often: extrapolated, as trained
+    assert torch.allclose(theta[turns < 0.5], theta0[turns < 0.5] / s)  # turn less than once: interpolated
+    torch.testing.assert_close(yarn[0] ** 2 + yarn[1] ** 2, torch.full_like(yarn[0], factor ** 2))
+
+
+@pytest.mark.parametrize("variant", ["rope", "coca", "coca-slack"])
+def test_yarn_multiplies_every_logit_by_the_square_of_its_factor(variant):
+    """The attention factor sits on cos and sin, so query and key both carry it: logits scale by its square
+    (a factor on the query alone, or on neither, fails this)."""
+    D, T, s = 16, 12, 16.0
+    q, t = randn((1, 2, T, D), 4, torch.float64, n=2)
+    scaled = rotary_cos_sin(0, T, D, scaling=Scaling("yarn", s), train_len=64, dtype=torch.float64)
+    thetas, factor = yarn_reference(D, 10000.0, s, 64)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * torch.tensor(thetas, dtype=torch.float64)
+    unit = (angles.cos(), angles.sin())  # YaRN's angles without its factor
+    naive = {"rope": rope_scores_naive, "coca": coca_scores_naive, "coca-slack": slack_scores_naive}[variant]
+    torch.testing.assert_close(naive(q, t, scaled), factor ** 2 * naive(q, t, unit), rtol=1e-10, atol=1e-10)
+
+
+def test_dynamic_yarn_is_a_no_op_inside_the_training_window_and_yarn_at_length_over_train_len_beyond():
+    plain = rotary_cos_sin(0, 64, 16, dtype=torch.float64)
+    dyn = rotary_cos_sin(0, 64, 16, scaling=Scaling("yarn-dynamic"), train_len=64, dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(plain, dyn))
+    assert all(torch.equal(a, b) for a, b in zip(plain, rotary_cos_sin(0, 64, 16, scaling=Scaling("yarn", 1.0),
+                                                                        train_len=64, dtype=torch.float64)))
+    long = rotary_cos_sin(0, 200, 16, scaling=Scaling("yarn-dynamic"), train_len=64, dtype=torch.float64)
+    static = rotary_cos_sin(0, 200, 16, scaling=Scaling("yarn", 200 / 64), train_len=64, dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(long, static))

@@ -1,9 +1,12 @@
 """The benchmark runs in --quick mode and writes the documented JSON (no timing assertions)."""
 import json
 
+import pytest
+
 from helpers import run_script
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_its_json_schema(tmp_path):
     out = run_script("-m", "nanococa.bench", "--quick", "--device=cpu", f"--out={tmp_path / 'b.json'}", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

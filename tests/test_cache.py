@@ -77,6 +77,7 @@ print(json.dumps(dict(shape=list(out.shape), seconds=dt, peak_rss=resource.getru
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["coca", "alibi"])
 def test_32k_prompt_prefills_and_generates_below_one_TxT_matrix(variant):
     out = run_script("-c", PROBE_32K, variant, timeout=600)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, run_main, save_tiny_checkpoint
+from helpers import MICRO, ROOT, run_main, save_tiny_checkpoint, text_corpus, train_micro
 from nanococa import checkpoint, data
 from nanococa.common import file_lock, gpu_peak_flops
 from nanococa.config import make_config
@@ -20,28 +20,8 @@ from nanococa.errors import UserError
 from nanococa.tokenizer import get_tokenizer
 from nanococa.trainer import train
 
-MICRO = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
-         "--log_interval=1", "--warmup_iters=2", "--seed=5"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-def run(out_dir, data_dir, *extra, log=None):
-    lines = []
-    summary = train(make_config(MICRO + [f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra]),
-                    log=log or lines.append)
-    return summary, lines
-
-
-def corpus(tmp_path, n=12, size=400):
-    src = tmp_path / "src"
-    src.mkdir(exist_ok=True)
-    for i in range(n):
-        (src / f"f{i:02d}.txt").write_text(f"document {i} " * size)
-    return f"text:{src}"
+run = train_micro
+corpus = text_corpus
 
 
 # 1. a damaged data cache is found and rebuilt
@@ -208,6 +188,7 @@ print(data.prepare(sys.argv[1], get_tokenizer("bytes"), sys.argv[2], log=lambda 
 """
 
 
+@pytest.mark.slow
 def test_two_processes_preparing_one_corpus_at_once_both_succeed(tmp_path):
     name = corpus(tmp_path, n=40, size=5000)
     procs = [subprocess.Popen([sys.executable, "-c", PREPARE, name, str(tmp_path / "cache")], cwd=ROOT,
@@ -279,6 +260,7 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_write_then_interrupts(tmp
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_real_training_run_says_interrupted_and_leaves_a_loadable_checkpoint(tmp_path, data_dir):
     cmd = [sys.executable, "train.py", *MICRO, "--max_iters=100000", "--eval_interval=1", "--eval_iters=1",
            f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]

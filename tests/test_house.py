@@ -16,6 +16,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("nanococa"))))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["sample.py", "eval_length.py", "-m nanococa.bench"])
 def test_inference_scripts_do_not_import_the_training_loop(script):
     if script.startswith("-m"):

@@ -122,10 +122,12 @@ def test_naive_path_refuses_beyond_its_budget(variant):
         attention(variant, "naive", q, q, q, rot=rot, slopes=torch.ones(16))
 
 
-@pytest.mark.parametrize("variant", ["coca", "rope", "alibi"])
+@pytest.mark.parametrize("variant", ["coca", "rope"])
 @given(T=st.integers(1, 40), shift=st.integers(1, 100_000), seed=st.integers(0, 1000))
 def test_gpt_output_is_invariant_to_shifting_every_position(variant, T, shift, seed):
-    """Strict CoCA, RoPE and ALiBi depend on m - n only (Slack does not: test_attention.py shows it)."""
+    """Strict CoCA and RoPE depend on m - n only (Slack does not: test_attention.py shows it). ALiBi is left
+    out: it takes no absolute position at all (its bias is built from m - n inside the attention call), so
+    there is nothing to shift; test_attention.py checks that bias for queries after cached keys instead."""
     model = tiny_gpt(variant, dtype=torch.float64)
     idx = torch.randint(0, 61, (2, T), generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(model(idx)[0], model(idx, pos_offset=shift)[0], rtol=1e-8, atol=1e-8)
@@ -164,6 +166,7 @@ print(json.dumps(dict(before_kib=before, after_kib=after, loss=loss.item())))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["coca", "coca-slack"])
 def test_fast_path_trains_at_4096_without_a_TxTxD_tensor(variant):
     """Forward and backward at T = 4096 (2 layers, D = 64) in a fresh process; its peak resident memory

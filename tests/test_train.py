@@ -9,23 +9,15 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, run_script
+from helpers import MICRO, ROOT, run_script, train_micro
 from nanococa import checkpoint
-from nanococa.config import make_config
 from nanococa.errors import UserError
-from nanococa.trainer import train
 
-MICRO = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
-         "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=12", "--dropout=0.1", "--seed=5"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
+DROPOUT = ["--lr_decay_iters=12", "--dropout=0.1"]  # dropout on, so resume must restore the RNG state too
 
 
 def run(out_dir, data_dir, *extra):
-    return train(make_config(MICRO + [f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra]), log=lambda *a: None)
+    return train_micro(out_dir, data_dir, *DROPOUT, *extra)[0]
 
 
 def train_losses(out_dir):
@@ -67,8 +59,8 @@ def test_every_method_trains(tmp_path, data_dir, extra):
 
 def test_eval_lengths_logs_one_same_targets_perplexity_per_length_at_each_evaluation(tmp_path, data_dir):
     logs = []
-    train(make_config(MICRO + [f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=3",
-                               "--eval_lengths=64,128,256", "--eval_windows=2"]), log=logs.append)
+    train_micro(tmp_path, data_dir, *DROPOUT, "--max_iters=6", "--eval_interval=3", "--eval_lengths=64,128,256",
+                "--eval_windows=2", log=logs.append)
     with open(tmp_path / "log.jsonl") as f:
         evals = [r for r in map(json.loads, f) if r["event"] == "eval"]
     assert [r["iter"] for r in evals] == [3, 6]
@@ -106,9 +98,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         checkpoint.load(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_gloo_end_with_identical_weights(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
-           *MICRO, "--max_iters=4", "--eval_interval=4", "--grad_accum=2", "--device=cpu",
+           *MICRO, *DROPOUT, "--max_iters=4", "--eval_interval=4", "--grad_accum=2", "--device=cpu",
            f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
