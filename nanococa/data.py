@@ -275,6 +275,9 @@ def prepare(corpus, tokenizer, cache_dir="data_cache", log=print):
 def write_cache(out, corpus, docs, fp, tokenizer, log):
     """Write the splits through temporary files; the manifest goes last, so a cache that was cut off
     (a kill, a full disk) is never taken for a complete one. Leftover temporaries are removed."""
+    if tokenizer.vocab_size > 65536:
+        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size:,} tokens: the cache stores uint16 ids "
+                        "(at most 65,536)")
     for name in os.listdir(out):
         if ".tmp" in name or name == "manifest.json":
             os.remove(os.path.join(out, name))  # stale: until the new manifest is written, nothing is reused

