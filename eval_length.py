@@ -93,8 +93,9 @@ def check_no_results(args, names):
 
 def load_models(args, device, dtype):
     """[(path, model, tokenizer)] and the corpus to score them on; the same checkpoint given twice counts once."""
-    paths = list(dict.fromkeys(args.ckpt))
-    paths = [p for i, p in enumerate(paths) if os.path.realpath(p) not in {os.path.realpath(q) for q in paths[:i]}]
+    def file_of(p):
+        return os.path.realpath(os.path.join(p, "ckpt.pt") if os.path.isdir(p) else p)
+    paths = [p for i, p in enumerate(args.ckpt) if file_of(p) not in {file_of(q) for q in args.ckpt[:i]}]
     loaded = [(path, *load_model(path, device, dtype)) for path in paths]  # fail early on a bad path
     toks = {path: tok.name for path, _, tok, _ in loaded}
     if len(set(toks.values())) > 1:

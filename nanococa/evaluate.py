@@ -30,7 +30,7 @@ from .errors import UserError
 from .model import SDPA_QK, Scaling, alibi_scores_naive, log_key_count, logn_scale, rotary_cos_sin
 
 
-def pick_windows(split, max_len, target, count):
+def pick_windows(split, max_len, target, count, option="--lengths"):
     """Up to `count` windows [(document index, end)] in validation documents of at least max_len + 1 tokens:
     dealt to the documents in turn, and spread evenly over each document's possible ends (max_len + 1 to
     its last token), so they sample its whole length. Every length scores the tokens [end - target, end)."""
@@ -39,7 +39,7 @@ def pick_windows(split, max_len, target, count):
     if not eligible:
         longest = max(range(len(lengths)), key=lambda i: lengths[i])
         raise UserError(f"length {max_len:,} needs a validation document of at least {max_len + 1:,} tokens; the "
-                        f"longest is {split.names[longest]!r} with {lengths[longest]:,}: use shorter --lengths")
+                        f"longest is {split.names[longest]!r} with {lengths[longest]:,}: use shorter {option}")
     room = {i: (lengths[i] - max_len - 1) // target + 1 for i in eligible}  # disjoint targets that fit
     share = {i: 0 for i in eligible}
     for _ in range(count):  # deal the windows round-robin to documents that still have room

@@ -178,7 +178,8 @@ def load_data(cfg, procs, tok, say):
             raise UserError(f"corpus {cfg.corpus}: the {name} split has {len(split):,} tokens, too few for "
                             f"--block_size={cfg.block_size}")
     lengths = cfg.tracked_lengths()
-    windows = pick_windows(splits["val"], max(lengths), min(lengths + [512]), cfg.eval_windows) if lengths else []
+    windows = pick_windows(splits["val"], max(lengths), min(lengths + [512]), cfg.eval_windows, "--eval_lengths") \
+        if lengths else []
     return splits, windows, splits["train"].fingerprint
 
 

@@ -44,10 +44,19 @@ def damage(folder, how):
         m = json.load(open(path("manifest.json")))
         del m["splits"]["val"]
         json.dump(m, open(path("manifest.json"), "w"))
+    elif how == "manifest field of the wrong type":
+        m = json.load(open(path("manifest.json")))
+        m["splits"]["train"]["tokens"] = str(m["splits"]["train"]["tokens"])
+        json.dump(m, open(path("manifest.json"), "w"))
+    elif how == "bytes overwritten, same size":
+        with open(path("train.bin"), "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff\xff" * 10)  # token 65535: beyond every vocabulary
 
 
 @pytest.mark.parametrize("how", ["truncated bin", "deleted bin", "empty offsets", "wrong offsets", "empty manifest",
-                                 "manifest not a dict", "manifest without splits"])
+                                 "manifest not a dict", "manifest without splits", "manifest field of the wrong type",
+                                 "bytes overwritten, same size"])
 def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path, how):
     tok, name = get_tokenizer("bytes"), corpus(tmp_path)
     folder = data.prepare(name, tok, str(tmp_path / "cache"), log=lambda *a: None)
@@ -306,3 +315,257 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(tmp_path, change,
     code, _, err = run_main(script, *argv)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert all(w in err for w in words), err
+
+
+# 9. evaluation results are written safely (round three, 1)
+
+def eval_rows():
+    return [dict(checkpoint="out", attention="coca", attn_scale="none", corpus="c", tokenizer="bytes", scaling="none",
+                 protocol="same-targets", length=512, perplexity=5.0, perplexity_lo=4.0, perplexity_hi=6.0, units=2,
+                 targets=10, unit_nll=[1.5, 1.7], note=None)]
+
+
+def test_ctrl_c_while_results_are_written_keeps_them_whole(tmp_path, monkeypatch):
+    from nanococa import report
+    report.write_outputs(eval_rows(), {"protocol": "same-targets"}, str(tmp_path), plot=False)
+    before = json.load(open(tmp_path / "results.json"))
+    real_dumps = json.dumps
+
+    def interrupted(*a, **k):
+        text = real_dumps(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the new results are being prepared and written
+        time.sleep(0.05)
+        return text
+    monkeypatch.setattr(json, "dumps", interrupted)
+    rows = eval_rows() + [dict(eval_rows()[0], length=1024)]
+    with pytest.raises(KeyboardInterrupt):
+        report.write_outputs(rows, {"protocol": "same-targets"}, str(tmp_path), plot=False)
+    monkeypatch.undo()
+    after = json.load(open(tmp_path / "results.json"))  # valid JSON: the old results or the new, never half
+    assert after in (before, json.loads(json.dumps({"meta": {"protocol": "same-targets"}, "columns": after["columns"],
+                                                       "results": rows})))
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
+
+
+def test_a_full_disk_while_results_are_written_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from nanococa import report
+    report.write_outputs(eval_rows(), {}, str(tmp_path), plot=False)
+    before = open(tmp_path / "results.json").read()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(UserError, match="disk is full"):
+        report.write_outputs(eval_rows() * 2, {}, str(tmp_path), plot=False)
+    monkeypatch.undo()
+    assert open(tmp_path / "results.json").read() == before
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
+
+
+def test_eval_length_neither_shares_an_out_dir_nor_replaces_results_unasked(tmp_path):
+    save_tiny_checkpoint(tmp_path / "m", block_size=64)
+    argv = ["--ckpt", tmp_path / "m", "--lengths", "64", "--target=32", "--windows=1", f"--out_dir={tmp_path / 'r'}",
+            f"--data_dir={tmp_path / 'd'}"]
+    os.makedirs(tmp_path / "r")
+    with file_lock(str(tmp_path / "r" / ".lock")):  # as a running eval_length.py holds it
+        code, _, err = run_main("eval_length", *argv)
+    assert code == 2 and "another eval_length.py is writing" in err
+    assert run_main("eval_length", *argv)[0] == 0
+    before = open(tmp_path / "r" / "results.json").read()
+    code, _, err = run_main("eval_length", *argv)
+    assert code == 2 and "--overwrite" in err and open(tmp_path / "r" / "results.json").read() == before
+    assert run_main("eval_length", *argv, "--overwrite")[0] == 0
+
+
+def test_bench_refuses_to_overwrite_a_file_that_is_not_a_bench_result(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"weights")
+    code, _, err = run_main("nanococa.bench", "--quick", "--device=cpu", f"--out={ckpt}")
+    assert code == 2 and "not a benchmark result" in err and ckpt.read_bytes() == b"weights"
+
+
+# 10. damaged checkpoints are refused, in every script (round three, 2 and 5)
+
+def rewrite_raw(path, change):
+    """Edit a checkpoint as another program would: torch.load, change, torch.save (the digest is not renewed)."""
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("flipped bytes", ["ckpt.pt"]),
+    ("zeroed weights", ["damaged", "digest"]),
+    ("nan weights", ["not finite"]),
+])
+@pytest.mark.parametrize("script", ["sample", "eval_length", "train-init_from", "train-resume"])
+def test_a_damaged_checkpoint_is_one_line_in_every_script(tmp_path, data_dir, damage, words, script):
+    run(tmp_path / "src", data_dir, "--max_iters=2", "--eval_interval=2")
+    path = tmp_path / "src" / "ckpt.pt"
+    if damage == "flipped bytes":
+        raw = bytearray(path.read_bytes())
+        at = len(raw) * 2 // 5
+        raw[at:at + 64] = bytes(255 - b for b in raw[at:at + 64])
+        path.write_bytes(bytes(raw))
+    elif damage == "zeroed weights":
+        rewrite_raw(path, lambda c: c["model"]["lm_head.weight"].zero_())
+    else:  # saved by nanococa itself, digest and all: only the finiteness check can refuse it
+        ckpt = checkpoint.load(path)
+        ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
+        checkpoint.save(ckpt, str(path))
+    argv = {"sample": ["sample", f"--ckpt={path}", "--max_new_tokens=2"],
+            "eval_length": ["eval_length", "--ckpt", path, f"--out_dir={tmp_path / 'r'}", "--lengths=64", "--target=32"],
+            "train-init_from": ["train", *MICRO, f"--init_from={path}", f"--out_dir={tmp_path / 'new'}",
+                                f"--data_dir={data_dir}"],
+            "train-resume": ["train", *MICRO, "--resume", f"--out_dir={tmp_path / 'src'}", f"--data_dir={data_dir}",
+                             "--max_iters=4"]}[script]
+    code, _, err = run_main(*argv)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words) and "last good checkpoint" not in err and "weights_only" not in err, err
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.update(train_config=[1]), ["train_config is not a dict"]),
+    (lambda c: c.update(iter="12"), ["iter is '12'"]),
+    (lambda c: c.update(rng={"batch": [], "torch": []}), ["rng"]),
+    (lambda c: c["model_args"].update(vocab_size=10**9), ["do not fit", "lm_head.weight"]),
+])
+def test_a_checkpoint_of_the_wrong_shape_or_types_is_one_line_before_anything_is_allocated(tmp_path, data_dir,
+                                                                                              change, words):
+    run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2")
+    ckpt = checkpoint.load(tmp_path)
+    change(ckpt)
+    checkpoint.save(ckpt, str(tmp_path / "ckpt.pt"))
+    code, _, err = run_main("train", *MICRO, "--resume", f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
+                            "--max_iters=4")
+    assert code == 2 and err.count("\n") == 1 and all(w in err for w in words), err
+
+
+def test_a_hostile_pickle_is_refused_without_the_advice_to_load_it_anyway(tmp_path):
+    import pickle
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+    with open(tmp_path / "ckpt.pt", "wb") as f:
+        pickle.dump({"model": Hostile()}, f)
+    code, out, err = run_main("sample", f"--ckpt={tmp_path}")
+    assert code == 2 and "refused unread" in err and "weights_only=False" not in err and "owned" not in out
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save({"model": {"w": torch.ones(3)}, "model_args": {}, "tokenizer": "bytes"}, path)
+
+    def short_write(obj, f):  # what torch.save raises when the disk fills after its first bytes
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(UserError, match="disk full"):
+        checkpoint.save({"model": {"w": torch.zeros(3)}, "model_args": {}, "tokenizer": "bytes"}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3)) and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+SAVE_ON_A_FULL_DISK = """
+import resource, signal, sys, torch
+from nanococa import checkpoint
+from nanococa.errors import run_script
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+state = {"model": {"w": torch.randn(200_000)}, "model_args": {}, "tokenizer": "bytes"}
+run_script(lambda argv: checkpoint.save(state, argv[0]), sys.argv[1:])
+"""
+
+
+def test_a_real_full_disk_during_a_checkpoint_write_is_one_line(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save({"model": {"w": torch.ones(3)}, "model_args": {}, "tokenizer": "bytes"}, str(path))
+    p = subprocess.run([sys.executable, "-c", SAVE_ON_A_FULL_DISK, str(path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: could not write the checkpoint"), p.stderr
+    assert p.stderr.count("\n") == 1 and torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+
+
+# 11. inputs that used to end in a traceback or a hang (round three, 5 and 7)
+
+@pytest.mark.parametrize("argv, words", [
+    (["--temperature=1e-42"], ["--temperature", "overflow"]),
+    (["--max_new_tokens=1000000000", "--max_context=2000000000"], ["GiB", "--max_new_tokens"]),
+    (["--prompt_file=/dev/zero"], ["--prompt_file=/dev/zero", "longer than"]),
+])
+def test_sample_inputs_that_cannot_work_are_one_line(tmp_path, argv, words):
+    save_tiny_checkpoint(tmp_path, block_size=16)
+    code, _, err = run_main("sample", f"--ckpt={tmp_path}", *argv)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+
+
+def test_a_top_p_that_rounds_to_zero_samples_the_most_likely_token(tmp_path):
+    save_tiny_checkpoint(tmp_path, block_size=16)
+    code, out, err = run_main("sample", f"--ckpt={tmp_path}", "--top_p=1e-300", "--max_new_tokens=5", "--prompt=ab")
+    greedy = run_main("sample", f"--ckpt={tmp_path}", "--temperature=0", "--max_new_tokens=5", "--prompt=ab")
+    assert code == 0 and out == greedy[1], err
+
+
+def test_curves_skip_bad_lines_with_a_warning_and_refuse_mixed_corpora(tmp_path):
+    good = {"event": "eval", "iter": 10, "ppl_at_length": {"512": 5.0}}
+    for name, corpus in (("a", "pycode"), ("b", "shakespeare")):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"event": "start", "config": {"corpus": corpus, "attention": "coca"}}), "{not json", "[1, 2]",
+                 json.dumps({"event": "eval", "iter": "x", "ppl_at_length": [1]}), json.dumps(good)]
+        (tmp_path / name / "log.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = run_main("eval_length", "--curves", tmp_path / "a", f"--out_dir={tmp_path / 'r'}")
+    assert code == 0 and "skipped line(s) 2, 3, 4" in err and "step 10" in out
+    code, _, err = run_main("eval_length", "--curves", tmp_path / "a", tmp_path / "b", f"--out_dir={tmp_path / 'r'}")
+    assert code == 2 and "different corpora" in err
+
+
+# 12. what used to be silently wrong (round three, 6) and misleading (8)
+
+def test_prompt_files_that_are_not_utf8_are_counted_or_refused(tmp_path):
+    save_tiny_checkpoint(tmp_path, block_size=16)
+    (tmp_path / "some.txt").write_bytes(b"To be or not \xff\xfe to be")
+    code, _, err = run_main("sample", f"--ckpt={tmp_path}", f"--prompt_file={tmp_path / 'some.txt'}",
+                            "--max_new_tokens=2")
+    assert code == 0 and "2 bytes" in err and "not UTF-8" in err
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 12)
+    code, _, err = run_main("sample", f"--ckpt={tmp_path}", f"--prompt_file={tmp_path / 'binary.bin'}")
+    assert code == 2 and "mostly not text" in err
+
+
+def test_a_corpus_with_bytes_that_are_not_utf8_says_how_many(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        (src / f"f{i}.txt").write_bytes(b"text \xff\xff " * 50 if i == 3 else b"plain text " * 50)
+    logs = []
+    data.prepare(f"text:{src}", get_tokenizer("bytes"), str(tmp_path / "c"), log=logs.append)
+    assert any("100 bytes in 1 file(s) are not UTF-8" in line for line in logs), logs
+
+
+def test_resume_after_the_corpus_changed_says_it_is_no_longer_exact(tmp_path):
+    name = corpus(tmp_path)
+    run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=2", "--eval_interval=2", "--block_size=32")
+    with open(tmp_path / "src" / "f00.txt", "a") as f:
+        f.write("more text")
+    _, lines = run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=3", "--eval_interval=3",
+                   "--block_size=32", "--resume")
+    assert any("changed since this run started" in line and "no longer an exact" in line for line in lines), lines
+
+
+def test_the_same_scaling_or_checkpoint_twice_is_evaluated_once(tmp_path):
+    save_tiny_checkpoint(tmp_path / "m", block_size=64)
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", tmp_path / "m" / "ckpt.pt", "--lengths=64,128",
+                              "--target=32", "--windows=1", "--scalings=dynamic:4,dynamic:4.0", f"--out_dir={tmp_path / 'r'}",
+                              f"--data_dir={tmp_path / 'd'}")
+    assert code == 0, err
+    assert len(json.load(open(tmp_path / "r" / "results.json"))["results"]) == 2  # one checkpoint, one scaling, 2 lengths
+
+
+def test_misleading_lines_now_say_what_is_meant(tmp_path, data_dir):
+    with pytest.raises(UserError, match="use shorter --eval_lengths"):
+        run(tmp_path, data_dir, "--eval_lengths=512,1000K")
+    with pytest.raises(UserError, match="neither a regular file nor a folder"):
+        data.load_docs("text:/dev/null")
+    assert make_config(["--attention=alibi", "--n_embd=30", "--n_head=2"]).attention == "alibi"  # ALiBi: odd is fine
+    save_tiny_checkpoint(tmp_path / "alibi", attention="alibi", block_size=16)
+    code, _, err = run_main("sample", f"--ckpt={tmp_path / 'alibi'}", "--scaling=dynamic:4+logn", "--max_new_tokens=2")
+    assert code == 0 and "ALiBi has no rotary" in err and "logn still applies" in err

@@ -157,6 +157,7 @@ def test_converted_model_trains_and_resumes_exactly(tmp_path, data_dir, rope_run
     (["--n_layer=2"], ["do not fit", "missing"]),
     (["--tokenizer=gpt2", "--n_embd=32"], ["tokenizer", "bytes"]),
     (["--bias"], ["do not fit"]),
+    (["--n_head=4"], ["n_head=2", "each head would mean something else"]),  # same shapes, other heads
 ])
 def test_init_from_refuses_a_model_that_does_not_fit(tmp_path, data_dir, rope_run, extra, words):
     with pytest.raises(UserError) as e:
