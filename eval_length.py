@@ -9,6 +9,7 @@ results.json, results.csv, results.png and passkey.png (the plots with matplotli
 as rows complete. Protocols and intervals: nanococa/evaluate.py and docs/coca.md.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -16,7 +17,7 @@ import torch
 
 from nanococa import evaluate, passkey, report
 from nanococa.checkpoint import load_model
-from nanococa.common import (DTYPES, SCALING_HELP, file_lock, parse_lengths, parse_scaling, resolve_device,
+from nanococa.common import (DTYPES, SCALING_HELP, atomic_write, file_lock, parse_lengths, parse_scaling, resolve_device,
                              resolve_dtype)
 from nanococa.data import Split, prepare
 from nanococa.errors import ArgumentParser, UserError, run_script
@@ -52,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--out_dir", default="eval_out")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out_dir")
     p.add_argument("--seed", type=int, default=1337, help="passkey keys and depths, bootstrap draws")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where each layer attends (mean distance, entropy of the last --target queries)")
     return p.parse_args(argv)
 
 
@@ -142,6 +145,23 @@ def curves(args):
         print(f"# wrote {path}", file=sys.stderr)
 
 
+def profile(models, scalings, split, plan, args, meta):
+    """--profile: per layer, the attention-weighted mean distance and the entropy of the attention rows of the
+    last --target queries of each window, averaged; a table and profile.json."""
+    rows = evaluate.profile_models(models, scalings, split, plan, args.target)
+    layers = len(rows[0]["layers"])
+    print("| model | length | " + " | ".join(f"layer {i}: distance, entropy" for i in range(layers)) + " |")
+    print("|---|---|" + "---|" * layers)
+    for r in rows:
+        print(f"| {r['checkpoint']} ({r['attention']}, {r['scaling']}) | {r['length']:,} | "
+              + " | ".join(f"{x['mean_distance']:.0f}, {x['entropy']:.2f}" for x in r["layers"]) + " |")
+    path = os.path.join(args.out_dir, "profile.json")
+    atomic_write(path, lambda f: f.write(json.dumps({"meta": meta, "profile": rows}, indent=1)), mode="w",
+                        what="profile")
+    print(f"# wrote {path}", file=sys.stderr)
+    return rows
+
+
 def main(argv):
     args = parse_args(argv)
     scalings = check_args(args)
@@ -149,7 +169,7 @@ def main(argv):
     with file_lock(os.path.join(args.out_dir, ".lock"), wait=False, busy_message=busy):
         if args.curves:
             return curves(args)
-        check_no_results(args, ["results.json", "results.csv"])
+        check_no_results(args, ["profile.json"] if args.profile else ["results.json", "results.csv"])
         device = resolve_device(args.device)
         dtype = getattr(torch, resolve_dtype(args.dtype, device))
         models, corpus = load_models(args, device, dtype)
@@ -162,6 +182,8 @@ def main(argv):
                     passkey_depth_buckets=passkey.DEPTH_BUCKETS, windows=[[split.names[d], e] for d, e in plan.windows or []],
                     interval="95% bootstrap over " + ("windows" if args.protocol == "same-targets" else "documents"))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if args.profile:
+            return profile(models, scalings, split, plan, args, meta)
         save = lambda rows: report.write_outputs(rows, meta, args.out_dir, plot=False)  # noqa: E731
         rows = evaluate.evaluate_models(models, scalings, split, plan, corpus, log, after_each=save)
         print(f"\nPerplexity ({args.protocol}; lower is better; 95% interval over "

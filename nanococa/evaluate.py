@@ -226,3 +226,22 @@ def attention_profile(model, ids, scaling=None, queries=64):
                         entropy=float(-(w * w.clamp(min=1e-30).log()).sum(-1).mean())))
         x = block(x, rot, log_m, row_scale)
     return out
+
+
+def profile_models(models, scalings, split, plan, queries=128):
+    """attention_profile averaged over the plan's windows, for every (checkpoint, scaling, length): rows of
+    dict(checkpoint, attention, scaling, length, layers=[{mean_distance, entropy}])."""
+    rows = []
+    for path, model, _ in models:
+        for name, scaling in scalings:
+            eff = effective_scaling(model, scaling)
+            for n in plan.lengths:
+                per_window = []
+                for doc, end in plan.windows:
+                    ids = torch.from_numpy(split.document(doc)[end - n:end].astype("int64")).to(plan.device)
+                    per_window.append(attention_profile(model, ids, eff, min(queries, n)))
+                layers = [{k: sum(w[i][k] for w in per_window) / len(per_window) for k in per_window[0][i]}
+                          for i in range(len(per_window[0]))]
+                rows.append(dict(checkpoint=path, attention=model.config.attention, scaling=name, length=n,
+                                 layers=layers))
+    return rows

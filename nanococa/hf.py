@@ -152,6 +152,10 @@ def load_pretrained(spec, dtype=torch.float32):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise UserError(f"--model={spec}: could not load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if gguf:  # transformers dequantizes GGUF weights on load: the model is an ordinary float model, saved as one
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     family = model.config.model_type
     if family not in FAMILIES:
         raise UserError(f"--model={spec} is a {family} model; nanococa converts the Llama family ({', '.join(FAMILIES)})")
@@ -231,7 +235,7 @@ def rope_base(cfg):
 def finetune(model, split, args, tok, log):
     """AdamW, warm-up and cosine decay, random windows of `context` tokens (some rows passkey texts with
     --passkey_mix); returns [(step, loss)]."""
-    device = next(model.parameters()).device
+    device = str(next(model.parameters()).device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                             betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -278,7 +282,8 @@ def train_main(args):
     log(f"loaded {args.model} in {time.time() - t0:.1f} s: {model.config.model_type}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     tok = HFTokenizer(hf_tok, model_name(args.model))
-    split = {s: Split(prepare(args.corpus, tok, args.data_dir, log=log), s) for s in ("train", "val")}
+    folder = prepare(args.corpus, tok, args.data_dir, log=log)
+    split = {s: Split(folder, s) for s in ("train", "val")}
     model.to(device)
     before = val_loss(model, split["val"], args.context, device=device)
     convert(model, args.attention)

@@ -41,3 +41,12 @@ def test_nothing_refers_to_files_outside_the_repository():
             if "shared" + "/" in f.read():
                 offenders.append(path)
     assert offenders == [], offenders
+
+
+def test_training_does_not_import_plotting_or_reports():
+    code = ("import json, sys, nanococa.trainer; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('nanococa', 'matplotlib')))))")
+    out = run_script("-c", code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    modules = json.loads(out.stdout)
+    assert "nanococa.report" not in modules and not any(m.startswith("matplotlib") for m in modules), modules

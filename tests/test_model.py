@@ -168,7 +168,7 @@ print(json.dumps(dict(before_kib=before, after_kib=after, loss=loss.item())))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["coca", "coca-slack"])
-def test_fast_path_trains_at_4096_without_a_TxTxD_tensor(variant):
+def test_fast_path_forward_and_backward_at_4096_stay_below_one_TxTxD_tensor(variant):
     """Forward and backward at T = 4096 (2 layers, D = 64) in a fresh process; its peak resident memory
     must stay below one T x T x D float32 tensor (4 GiB), which the literal strict path would need."""
     out = run_script("-c", MEMORY_PROBE, variant)

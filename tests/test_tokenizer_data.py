@@ -80,7 +80,7 @@ def test_shakespeare_prepares_idempotently_and_keeps_validation_plays_out(tmp_pa
     assert tok.decode(val.document(0)[:8].tolist()) == "# Hamlet"
 
 
-def test_text_folder_prepares_idempotently(tmp_path):
+def test_text_folder_is_prepared_once_and_again_when_it_changes(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
