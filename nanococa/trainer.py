@@ -361,7 +361,19 @@ def train(cfg, log=print):
                 run.jsonl.close()
 
 
+def log_progress(run, loss, lr, dt, peak):
+    """The progress line and its log record: loss, learning rate, speed, MFU (on a GPU we know), time left."""
+    cfg = run.cfg
+    mfu = run.raw_model.estimate_mfu(tokens_per_step(cfg), dt, peak) if peak else None
+    run.say(f"iter {run.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
+            f"{tokens_per_step(cfg) / dt / 1000:.1f}k tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+            + f" | eta {fmt_time((cfg.max_iters - run.iter_num) * dt)}")
+    record(run, event="train", iter=run.iter_num, loss=loss, lr=lr, ms_per_step=dt * 1000,
+           tokens_per_s=tokens_per_step(cfg) / dt, mfu=mfu)
+
+
 def train_loop(run):
+    """The loop, step by step in nanoGPT's order; returns the run's summary."""
     cfg, procs = run.cfg, run.procs
     accum = cfg.grad_accum // procs.world
     peak = peak_flops(procs.device)
@@ -402,14 +414,8 @@ def train_loop(run):
         if run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters:
             check_finite_loss(run, bad_step, bad_loss)  # waits for the device, once per line
             now = time.time()
-            steps = (run.iter_num - 1) % cfg.log_interval + 1
-            dt, t_last = (now - t_last) / steps, now
-            mfu = run.raw_model.estimate_mfu(tokens_per_step(cfg), dt, peak) if peak else None
-            run.say(f"iter {run.iter_num:>6}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                    f"{dt * 1000:.0f} ms/step | {tokens_per_step(cfg) / dt / 1000:.1f}k tok/s"
-                    + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | eta {fmt_time((cfg.max_iters - run.iter_num) * dt)}")
-            record(run, event="train", iter=run.iter_num, loss=loss.item(), lr=lr, ms_per_step=dt * 1000,
-                   tokens_per_s=tokens_per_step(cfg) / dt, mfu=mfu)
+            dt, t_last = (now - t_last) / ((run.iter_num - 1) % cfg.log_interval + 1), now
+            log_progress(run, loss.item(), lr, dt, peak)
         # evaluate, track longer contexts, checkpoint
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
             check_finite_loss(run, bad_step, bad_loss)
