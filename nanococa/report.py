@@ -190,8 +190,8 @@ def plot_passkey_heatmaps(rows, meta, path, log=print):
     ckpts = list(dict.fromkeys(c for c, _ in pairs))
     scalings = list(dict.fromkeys(s for _, s in pairs))
     lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(len(ckpts), len(scalings), figsize=(2.4 * len(scalings) + 1.2, 2.2 * len(ckpts) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(ckpts), len(scalings), figsize=(2.5 * len(scalings) + 1.5, 2.3 * len(ckpts) + 0.8),
+                             squeeze=False, layout="constrained")
     image = None
     for i, ckpt in enumerate(ckpts):
         for j, scaling in enumerate(scalings):
@@ -206,7 +206,7 @@ def plot_passkey_heatmaps(rows, meta, path, log=print):
                     for b in range(buckets)]
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", interpolation="nearest")
             ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=6)
-            ax.set_yticks([0, buckets - 1], ["0%", "100%"], fontsize=6)
+            ax.set_yticks([0, buckets - 1], [f"0-{100 // buckets}%", f"{100 - 100 // buckets}-100%"], fontsize=6)
             trials = sum(next(iter(cells.values()))["passkey_depth_trials"])
             method_of = method(next(iter(cells.values())))
             ax.set_title(f"{os.path.basename(str(ckpt).rstrip('/'))} ({method_of})\n{scaling}, {trials} trials",

@@ -1,5 +1,6 @@
 """eval_length: same targets at every length, a known perplexity, the passkey builder, the output files."""
 import csv
+import importlib.util
 import json
 import math
 
@@ -108,6 +109,14 @@ def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
         assert r["units"] == 3 and len(r["unit_nll"]) == 3
         assert r["perplexity_lo"] <= r["perplexity"] <= r["perplexity_hi"]
         assert r["perplexity"] == pytest.approx(math.exp(sum(r["unit_nll"]) / 3))
+    # passkey cells: trials per depth bucket add up, hits within them, one answer-token NLL per answer token
+    for r in (r for r in res["results"] if r["passkey_accuracy"] is not None):
+        assert sum(r["passkey_depth_trials"]) == 10 and all(h <= t for h, t in zip(r["passkey_depth_hits"],
+                                                                                   r["passkey_depth_trials"]))
+        assert sum(r["passkey_depth_hits"]) == round(r["passkey_accuracy"] * 10) and len(r["passkey_answer_nll"]) == 6
+        assert r["passkey_lo"] <= r["passkey_accuracy"] <= r["passkey_hi"]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "res" / "results.png").exists() and (tmp_path / "res" / "passkey.png").exists()
     # a passkey too long for the length says so instead of leaving a blank
     short = [r for r in res["results"] if r["length"] == 64]
     assert all(r["passkey_accuracy"] is None and "passkey needs at least" in r["note"] for r in short)
