@@ -132,6 +132,8 @@ def test_script_mistakes_are_one_line(argv, words):
 
 
 def test_a_gguf_file_that_does_not_parse_is_one_line(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(UserError, match="could not load it"):
