@@ -44,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--stride", type=int, default=512, help="sliding: stride")
     p.add_argument("--scalings", default="none,dynamic:4", help=f"comma-separated entries, each {SCALING_HELP}")
     p.add_argument("--passkey_trials", type=int, default=0, help="passkey trials per length (0: no passkey test)")
-    p.add_argument("--corpus", default=None, help="score every checkpoint on this corpus (default: its own)")
+    p.add_argument("--corpus", default=None, help="score every checkpoint on this corpus (none: the checkpoints' own)")
     p.add_argument("--curves", nargs="+", default=None, metavar="RUN_DIR",
                    help="plot perplexity and passkey accuracy against training step from these runs' log.jsonl")
     p.add_argument("--device", default="auto")

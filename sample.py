@@ -27,7 +27,7 @@ MIN_TEMPERATURE = 1e-4  # below it (but above 0, greedy) logits / temperature ov
 def parse_args(argv):
     p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="out", help="checkpoint file or folder holding ckpt.pt")
-    p.add_argument("--prompt", default=None, help="prompt text (default: start a new document)")
+    p.add_argument("--prompt", default=None, help="prompt text (none: start a new document)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file (a play, a book...)")
     p.add_argument("--prompt_val_tokens", type=int, default=None, metavar="N",
                    help="prompt with the first N tokens of the longest validation document of the checkpoint's corpus")

@@ -254,7 +254,8 @@ QUICK = dict(lengths="128,256,512", heads=4, prompt=1024, new_tokens=8, warmup=1
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="nanococa benchmarks: attention, training step, generation")
+    p = ArgumentParser(prog="python -m nanococa.bench", description="nanococa benchmarks: attention, training step, "
+                       "generation")
     p.add_argument("--quick", action="store_true", help="small sizes: a 2-core CPU in under 2 minutes")
     p.add_argument("--device", default="auto")
     p.add_argument("--lengths", default=None, help=f"attention N list (default {FULL['lengths']}; --quick {QUICK['lengths']})")

@@ -14,14 +14,22 @@ class UserError(ValueError):
     pass
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the default is None (then the help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are UserErrors (one line) instead of a usage block, whose options are spelled
     --snake_case and accepted as --dash-case too, and whose help shows every default."""
 
     def __init__(self, **kw):
-        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        super().__init__(allow_abbrev=False, formatter_class=DefaultsShown, **kw)
 
     def add_argument(self, *names, **kw):
+        kw.setdefault("help", "default: %(default)s")  # an option without help still shows its default
         action = super().add_argument(*names, **kw)
         aliases = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
         if aliases:  # the dashed spelling: same destination, hidden from --help, sets nothing unless given
