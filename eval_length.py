@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -53,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--out_dir", default="eval_out")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out_dir")
     p.add_argument("--seed", type=int, default=1337, help="passkey keys and depths, bootstrap draws")
+    p.add_argument("--merge", nargs="+", default=None, metavar="OUT_DIR",
+                   help="instead: join the results of evaluations run side by side (same windows) into --out_dir")
     p.add_argument("--profile", action="store_true",
                    help="instead: where each layer attends (mean distance, entropy of the last --target queries)")
     return p.parse_args(argv)
@@ -162,6 +165,31 @@ def profile(models, scalings, split, plan, args, meta):
     return rows
 
 
+def merge(args):
+    """--merge: results.json of several evaluations of one plan (corpus, protocol, windows, lengths) as one table."""
+    docs = []
+    for folder in args.merge:
+        try:
+            with open(os.path.join(folder, "results.json")) as f:
+                docs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--merge: cannot read {folder}/results.json ({e})") from None
+    same = ("protocol", "lengths", "target", "corpus", "tokenizer", "windows", "seed", "passkey_trials")
+    for folder, doc in zip(args.merge[1:], docs[1:]):
+        differ = [k for k in same if doc["meta"].get(k) != docs[0]["meta"].get(k)]
+        if differ:
+            raise UserError(f"--merge: {folder} was evaluated with another {', '.join(differ)} than {args.merge[0]}")
+    rows = [r for doc in docs for r in doc["results"]]
+    meta = {**docs[0]["meta"], "checkpoints": [c for doc in docs for c in doc["meta"]["checkpoints"]],
+            "merged_from": args.merge, "seconds": sum(doc["meta"].get("seconds", 0) for doc in docs)}
+    print(report.markdown_table(rows, "perplexity"))
+    if any(r.get("passkey_accuracy") is not None for r in rows):
+        print("\n" + report.markdown_table(rows, "passkey_accuracy"))
+    written = report.write_outputs(rows, meta, args.out_dir, log=lambda m: print(m, file=sys.stderr))
+    print(f"# wrote {', '.join(written)}", file=sys.stderr)
+    return rows
+
+
 def main(argv):
     args = parse_args(argv)
     scalings = check_args(args)
@@ -169,7 +197,11 @@ def main(argv):
     with file_lock(os.path.join(args.out_dir, ".lock"), wait=False, busy_message=busy):
         if args.curves:
             return curves(args)
+        if args.merge:
+            check_no_results(args, ["results.json", "results.csv"])
+            return merge(args)
         check_no_results(args, ["profile.json"] if args.profile else ["results.json", "results.csv"])
+        t0 = time.perf_counter()
         device = resolve_device(args.device)
         dtype = getattr(torch, resolve_dtype(args.dtype, device))
         models, corpus = load_models(args, device, dtype)
@@ -192,6 +224,7 @@ def main(argv):
         if args.passkey_trials:
             print(f"\nPasskey accuracy ({args.passkey_trials} trials per length, 95% Wilson interval)\n")
             print(report.markdown_table(rows, "passkey_accuracy"))
+        meta["seconds"] = time.perf_counter() - t0
         written = report.write_outputs(rows, meta, args.out_dir, log=log)
         print(f"\n# wrote {', '.join(written)}", file=sys.stderr)
         return rows

@@ -167,3 +167,18 @@ def test_eval_length_script_clear_errors(argv, words):
     code, _, err = run_main("eval_length", *argv)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert all(w in err for w in words), err
+
+
+def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
+    common = ["--lengths", "64,128", "--target=32", "--windows=2", "--scalings=none", f"--data_dir={tmp_path / 'data'}"]
+    for name in ("a", "b"):
+        save_tiny_checkpoint(tmp_path / name, block_size=64, seed=ord(name))
+        assert run_main("eval_length", "--ckpt", tmp_path / name, *common, f"--out_dir={tmp_path / ('r' + name)}")[0] == 0
+    code, out, err = run_main("eval_length", "--merge", tmp_path / "ra", tmp_path / "rb", f"--out_dir={tmp_path / 'all'}")
+    assert code == 0, err
+    rows = json.load(open(tmp_path / "all" / "results.json"))["results"]
+    assert {r["checkpoint"] for r in rows} == {str(tmp_path / "a"), str(tmp_path / "b")} and len(rows) == 4
+    assert run_main("eval_length", "--ckpt", tmp_path / "a", "--lengths", "64", "--target=32", "--windows=2",
+                    f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'rc'}")[0] == 0
+    code, _, err = run_main("eval_length", "--merge", tmp_path / "ra", tmp_path / "rc", f"--out_dir={tmp_path / 'x'}")
+    assert code == 2 and "another lengths" in err
