@@ -1,5 +1,5 @@
 """GPU-only checks (skipped without CUDA): the fast paths on CUDA, in float32 and bf16, through the
-flash kernel (ALiBi: compiled FlexAttention), with the cache, and at 32K. tests/gpu_check.sh runs them."""
+flash kernel (ALiBi: compiled FlexAttention), with the cache, and at 32K. .ci/gpu_check.sh runs them."""
 import pytest
 import torch
 
