@@ -183,3 +183,17 @@ def test_smollm2_loads_converts_trains_and_generates():
     model.eval()
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, ids.size(1) + 5)
+
+
+@pytest.mark.parametrize("D, base, s, L", [(64, 10000.0, 8.0, 512), (32, 10000.0, 32.0, 512), (64, 500000.0, 4.0, 8192)])
+def test_yarn_equals_hugging_faces_yarn_rope_type(D, base, s, L):
+    """The model file's YaRN frequencies and attention factor against transformers' own "yarn" rope type."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from nanococa.model import yarn_frequencies
+    config = transformers.LlamaConfig(hidden_size=4 * D, num_attention_heads=4, max_position_embeddings=int(s * L),
+                                      rope_parameters={"rope_type": "yarn", "factor": s, "rope_theta": base,
+                                                       "original_max_position_embeddings": L})
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    ours, our_factor = yarn_frequencies(base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D), base, s, L)
+    torch.testing.assert_close(ours, inv_freq.double(), rtol=1e-6, atol=0)  # theirs is float32
+    assert our_factor == pytest.approx(factor, rel=1e-12)
