@@ -113,13 +113,11 @@ def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_le
     kind, factor = (scaling or Scaling())[:2]
     L = start + length
     positions = torch.arange(start, L, dtype=torch.float64)
+    if kind == "dynamic" and L > train_len and head_dim > 2:  # base (F L / L_train - (F - 1))^(D / (D - 2))
+        base = base * (factor * L / train_len - (factor - 1)) ** (head_dim / (head_dim - 2))
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     mscale = 1.0
-    if kind == "dynamic" and L > train_len and head_dim > 2:
-        # base' = base * (F * L / L_train - (F - 1)) ** (D / (D - 2))
-        base = base * (factor * L / train_len - (factor - 1)) ** (head_dim / (head_dim - 2))
-        theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    elif kind == "linear":
+    if kind == "linear":
         positions = positions / factor
     elif kind in ("yarn", "yarn-dynamic"):
         s = factor if kind == "yarn" else max(1.0, L / train_len)
