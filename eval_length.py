@@ -45,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--stride", type=int, default=512, help="sliding: stride")
     p.add_argument("--scalings", default="none,dynamic:4", help=f"comma-separated entries, each {SCALING_HELP}")
     p.add_argument("--passkey_trials", type=int, default=0, help="passkey trials per length (0: no passkey test)")
+    p.add_argument("--passkey_lengths", type=length_list, default=None,
+                   help="measure passkey at these of --lengths only (none: at every length)")
     p.add_argument("--corpus", default=None, help="score every checkpoint on this corpus (none: the checkpoints' own)")
     p.add_argument("--curves", nargs="+", default=None, metavar="RUN_DIR",
                    help="plot perplexity and passkey accuracy against training step from these runs' log.jsonl")
@@ -74,6 +76,8 @@ def check_args(args):
     if not 0 <= args.passkey_trials <= MAX_PASSKEY_TRIALS:
         raise UserError(f"--passkey_trials={args.passkey_trials} must be between 0 and {MAX_PASSKEY_TRIALS:,} "
                         "(100 trials give an interval of about +-0.1)")
+    if args.passkey_lengths and not set(args.passkey_lengths) <= set(args.lengths):
+        raise UserError(f"--passkey_lengths={args.passkey_lengths} must be among --lengths={args.lengths}")
     if args.seed < 0:
         raise UserError(f"--seed={args.seed} must not be negative")
     if args.protocol == "same-targets" and args.target > min(args.lengths):
@@ -120,7 +124,8 @@ def load_models(args, device, dtype):
 def plan_for(args, split, device):
     """The cells' common settings: the windows (same-targets) or documents (sliding), chosen once."""
     plan = evaluate.Plan(lengths=args.lengths, protocol=args.protocol, target=args.target, stride=args.stride,
-                         passkey_trials=args.passkey_trials, seed=args.seed, device=device)
+                         passkey_trials=args.passkey_trials, passkey_lengths=args.passkey_lengths, seed=args.seed,
+                         device=device)
     max_len = max(args.lengths)
     if args.protocol == "same-targets":  # the same windows for every checkpoint: one corpus, one tokenizer
         plan.windows = evaluate.pick_windows(split, max_len, args.target, args.windows)
@@ -174,7 +179,7 @@ def merge(args):
                 docs.append(json.load(f))
         except (OSError, ValueError) as e:
             raise UserError(f"--merge: cannot read {folder}/results.json ({e})") from None
-    same = ("protocol", "lengths", "target", "corpus", "tokenizer", "windows", "seed", "passkey_trials")
+    same = ("protocol", "lengths", "target", "corpus", "tokenizer", "windows", "seed")
     for folder, doc in zip(args.merge[1:], docs[1:]):
         differ = [k for k in same if doc["meta"].get(k) != docs[0]["meta"].get(k)]
         if differ:
@@ -211,6 +216,7 @@ def main(argv):
         meta = dict(protocol=args.protocol, lengths=args.lengths, target=args.target, device=device,
                     dtype=str(dtype), seed=args.seed, checkpoints=[m[0] for m in models], corpus=corpus,
                     tokenizer=tok.name, train_len=models[0][1].config.block_size, passkey_trials=args.passkey_trials,
+                    passkey_lengths=args.passkey_lengths,
                     passkey_depth_buckets=passkey.DEPTH_BUCKETS, windows=[[split.names[d], e] for d, e in plan.windows or []],
                     interval="95% bootstrap over " + ("windows" if args.protocol == "same-targets" else "documents"))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

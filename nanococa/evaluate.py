@@ -127,6 +127,7 @@ class Plan:
     docs: Optional[list] = None  # sliding: document indices
     stride: int = 512
     passkey_trials: int = 0
+    passkey_lengths: Optional[list] = None  # the lengths that get passkey trials (None: every length)
     seed: int = 1337
     device: str = "cpu"
 
@@ -145,6 +146,8 @@ def measure(model, tok, split, plan, length, scaling):
                passkey_depth_hits=None, passkey_depth_trials=None, passkey_answer_nll=None, note=None)
     if plan.passkey_trials and length < passkey.min_length(tok):
         row["note"] = f"passkey needs at least {passkey.min_length(tok)} tokens"
+    elif plan.passkey_trials and plan.passkey_lengths is not None and length not in plan.passkey_lengths:
+        row.update(note="passkey not measured at this length (--passkey_lengths)", passkey_trials=None)
     elif plan.passkey_trials:
         pk = passkey.score(model, tok, length, plan.passkey_trials, scaling, plan.seed, plan.device)
         hits = sum(pk["hits"])

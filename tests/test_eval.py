@@ -160,6 +160,7 @@ def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
     (["--out-dir", "/proc/no-such-place"], ["--out_dir", "cannot be written"]),
     (["--passkey_trials", "1000000000"], ["--passkey_trials", "10,000"]),
     (["--seed", "-1"], ["--seed"]),
+    (["--lengths", "512", "--passkey_lengths", "1K"], ["--passkey_lengths", "among --lengths"]),
     (["--device", "bogus"], ["--device", "bogus"]),
     (["--device", "mps"], ["mps"]),
 ])
@@ -182,3 +183,14 @@ def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'rc'}")[0] == 0
     code, _, err = run_main("eval_length", "--merge", tmp_path / "ra", tmp_path / "rc", f"--out_dir={tmp_path / 'x'}")
     assert code == 2 and "another lengths" in err
+
+
+def test_passkey_lengths_limits_where_passkey_is_measured(tmp_path):
+    save_tiny_checkpoint(tmp_path / "m", block_size=64)
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300,400", "--passkey_lengths=400",
+                              "--passkey_trials=4", "--scalings=none", "--target=32", "--windows=1",
+                              f"--out_dir={tmp_path / 'r'}", f"--data_dir={tmp_path / 'data'}")
+    assert code == 0, err
+    rows = {r["length"]: r for r in json.load(open(tmp_path / "r" / "results.json"))["results"]}
+    assert rows[300]["passkey_accuracy"] is None and "--passkey_lengths" in rows[300]["note"]
+    assert rows[400]["passkey_trials"] == 4 and sum(rows[400]["passkey_depth_trials"]) == 4
