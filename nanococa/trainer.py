@@ -380,7 +380,7 @@ def train_loop(run):
     bad_step = torch.tensor(-1, device=procs.device)  # the first step whose loss is not finite, and that loss
     bad_loss = torch.tensor(0.0, device=procs.device)
     t_start = t_last = time.time()
-    last_val = None
+    first_iter, last_val = run.iter_num, None
     run.model.train()
     while run.iter_num < cfg.max_iters:
         # this step's learning rate: linear warm-up, then cosine decay
@@ -423,10 +423,10 @@ def train_loop(run):
             t_last = time.time()  # evaluation time is not training time
     if run.iter_num == 0:  # --max_iters=0: the fresh (or converted) model is evaluated and saved as it is
         last_val = evaluate_and_save(run)
-    return finish(run, last_val, time.time() - t_start)
+    return finish(run, last_val, time.time() - t_start, first_iter)
 
 
-def finish(run, last_val, seconds):
+def finish(run, last_val, seconds, first_iter=0):
     """The end: DDP ranks agree (or it is an error), the last record and line; returns the summary."""
     summary = dict(iters=run.iter_num, val_loss=last_val, seconds=seconds, out_dir=run.cfg.out_dir)
     if run.procs.ddp:
@@ -437,7 +437,8 @@ def finish(run, last_val, seconds):
         run.say(f"ddp: weights identical on all {run.procs.world} processes (fingerprint {prints[0]})")
         dist.destroy_process_group()
     record(run, event="end", **summary)
-    run.say(f"done: {run.iter_num} steps in {fmt_time(seconds)}"
+    steps = f"steps {first_iter}-{run.iter_num}" if first_iter else f"{run.iter_num} steps"
+    run.say(f"done: {steps} in {fmt_time(seconds)}"
             + (f", val loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint {run.ckpt_path}")
     return summary
 
