@@ -31,24 +31,32 @@ def row_label(r):
 
 
 def fmt_cell(r, key):
-    """"5.02 (4.81-5.24)", the value and its interval, or the note where there is no value."""
+    """"5.02 (4.81-5.24)", the value and its interval, or "" where there is no value."""
     v = r.get(key)
     if v is None:
-        return r.get("note") or ""
+        return ""
     lo, hi = (r.get("perplexity_lo"), r.get("perplexity_hi")) if key == "perplexity" else \
         (r.get("passkey_lo"), r.get("passkey_hi"))
     return f"{v:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
 
 
 def markdown_table(rows, key):
-    """One line per (checkpoint, scaling), one column per length, of rows[key] with its 95% interval."""
+    """One line per (checkpoint, scaling), one column per length, of rows[key] with its 95% interval; a cell
+    without a value says why in a numbered note under the table."""
     lengths = sorted({r["length"] for r in rows})
     labels = list(dict.fromkeys(row_label(r) for r in rows))
     cell = {(row_label(r), r["length"]): r for r in rows}
+    notes = {}
+
+    def text(r):
+        if r.get(key) is None and r.get("note"):
+            return f"- [{notes.setdefault(r['note'], len(notes) + 1)}]"
+        return fmt_cell(r, key)
+
     out = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for lab in labels:
-        out.append(f"| {lab} | " + " | ".join(fmt_cell(cell[lab, n], key) if (lab, n) in cell else ""
-                                              for n in lengths) + " |")
+        out.append(f"| {lab} | " + " | ".join(text(cell[lab, n]) if (lab, n) in cell else "" for n in lengths) + " |")
+    out += [""] + [f"[{i}] {note}" for note, i in notes.items()] if notes else []
     return "\n".join(out)
 
 

@@ -194,3 +194,14 @@ def test_passkey_lengths_limits_where_passkey_is_measured(tmp_path):
     rows = {r["length"]: r for r in json.load(open(tmp_path / "r" / "results.json"))["results"]}
     assert rows[300]["passkey_accuracy"] is None and "--passkey_lengths" in rows[300]["note"]
     assert rows[400]["passkey_trials"] == 4 and sum(rows[400]["passkey_depth_trials"]) == 4
+
+
+def test_a_table_cell_without_a_value_points_to_one_note_that_says_why():
+    why = "passkey not measured at this length (--passkey_lengths)"
+    rows = [dict(checkpoint="a", attention="rope", scaling="none", length=n, passkey_accuracy=None, note=why)
+            for n in (1024, 2048)]
+    rows.append(dict(checkpoint="a", attention="rope", scaling="none", length=512, passkey_accuracy=1.0,
+                     passkey_lo=0.93, passkey_hi=1.0))
+    table = report.markdown_table(rows, "passkey_accuracy")
+    assert "| a (rope, none) | 1.00 (0.93-1.00) | - [1] | - [1] |" in table
+    assert table.count(why) == 1 and table.endswith("[1] " + why)
