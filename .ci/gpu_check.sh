@@ -5,7 +5,7 @@
 #   bash .ci/gpu_check.sh tests bench            # some of them: experiment | hf | tests | bench
 #
 # experiment  pycode-gpu with half its rows passkey texts, trained with coca, rope and alibi (1,200 steps
-#             each), then eval_length to 32K (none, dynamic:4, yarn:dynamic, logn, dynamic:4+logn) with
+#             each), then eval_length to 32K (none, dynamic:4, yarn:64, yarn:dynamic, logn, yarn:dynamic+logn) with
 #             20 passkey trials per cell, and a 32K-context sample
 # hf          SmolLM2-135M converted to CoCA and, as the control, kept RoPE, each fine-tuned 300 steps at
 #             2K on pycode, evaluated to 32K with none, dynamic:4 and yarn:dynamic (needs the extras:
@@ -47,7 +47,7 @@ for stage in $stages; do
     done
     say "eval_length ($(date +%T))"
     python3 eval_length.py --ckpt out-gpu-coca out-gpu-rope out-gpu-alibi --overwrite \
-      --scalings none,dynamic:4,yarn:dynamic,logn,dynamic:4+logn ${EVAL_ARGS:---windows 8 --passkey_trials 20} \
+      --scalings none,dynamic:4,yarn:64,yarn:dynamic,logn,yarn:dynamic+logn ${EVAL_ARGS:---windows 8 --passkey_trials 20} \
       --out_dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
     say "sample at 32K ($(date +%T))"
     python3 sample.py --ckpt=out-gpu-coca --prompt_val_tokens=${PROMPT_TOKENS:-32000} --max_new_tokens=256 \
