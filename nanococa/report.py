@@ -222,8 +222,8 @@ def plot_passkey_heatmaps(rows, meta, path, log=print):
             if j == 0:
                 ax.set_ylabel("key depth", fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.6, label="passkey accuracy")
-    fig.suptitle(f"passkey retrieval by context length and key depth (trained at {meta.get('train_len')})",
-                 fontsize=9)
+    title = f"passkey retrieval by context length and key depth (trained at {meta.get('train_len')})"
+    fig.suptitle(title if len(scalings) > 1 else title.replace(" and key", "\nand key"), fontsize=9)
     return save_figure(fig, plt, path)
 
 
