@@ -1,4 +1,4 @@
-"""Train a CoCA (or RoPE, ALiBi) GPT. Defaults: the shakespeare-cpu preset (2m32s-2m39s measured on 2 CPU cores).
+"""Train a CoCA (or RoPE, ALiBi) GPT. Defaults: the shakespeare-cpu preset (2m32s-2m55s measured on 2 CPU cores).
 
     python train.py                                   # shakespeare-cpu, writes out/ckpt.pt
     python train.py --preset=pycode-cpu --attention=rope --out_dir=out-pycode-cpu-rope

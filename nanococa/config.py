@@ -108,7 +108,7 @@ class TrainConfig(GPTConfig):
 
 TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=512)  # 0.83M parameters with bytes
 PRESETS = {
-    # the default: a byte-level CoCA model on Shakespeare's plays; 600 steps took 2m32s-2m39s on 2 CPU cores
+    # the default: a byte-level CoCA model on Shakespeare's plays; 600 steps took 2m32s-2m55s on 2 CPU cores
     "shakespeare-cpu": dict(TINY),
     # the paper's effect on a laptop: the same model on Python source, 4x the steps; past 512 bytes of
     # context RoPE breaks and CoCA degrades gently (results/README.md)
