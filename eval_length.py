@@ -187,11 +187,21 @@ def merge(args):
     rows = [r for doc in docs for r in doc["results"]]
     meta = {**docs[0]["meta"], "checkpoints": [c for doc in docs for c in doc["meta"]["checkpoints"]],
             "merged_from": args.merge, "seconds": sum(doc["meta"].get("seconds", 0) for doc in docs)}
+    measured = any(r.get("passkey_accuracy") is not None for r in rows)
+    return show_and_write(rows, meta, args.out_dir, meta.get("passkey_trials") if measured else 0,
+                          log=lambda m: print(m, file=sys.stderr))
+
+
+def show_and_write(rows, meta, out_dir, passkey_trials, log):
+    """The tables on stdout (passkey's when it was measured), then every output file; returns rows."""
+    print(f"\nPerplexity ({meta['protocol']}; lower is better; 95% interval over "
+          f"{'windows' if meta['protocol'] == 'same-targets' else 'documents'} in parentheses)\n")
     print(report.markdown_table(rows, "perplexity"))
-    if any(r.get("passkey_accuracy") is not None for r in rows):
-        print("\n" + report.markdown_table(rows, "passkey_accuracy"))
-    written = report.write_outputs(rows, meta, args.out_dir, log=lambda m: print(m, file=sys.stderr))
-    print(f"# wrote {', '.join(written)}", file=sys.stderr)
+    if passkey_trials:
+        print(f"\nPasskey accuracy ({passkey_trials} trials per length, 95% Wilson interval)\n")
+        print(report.markdown_table(rows, "passkey_accuracy"))
+    written = report.write_outputs(rows, meta, out_dir, log=log)
+    print(f"\n# wrote {', '.join(written)}", file=sys.stderr)
     return rows
 
 
@@ -224,16 +234,8 @@ def main(argv):
             return profile(models, scalings, split, plan, args, meta)
         save = lambda rows: report.write_outputs(rows, meta, args.out_dir, plot=False)  # noqa: E731
         rows = evaluate.evaluate_models(models, scalings, split, plan, corpus, log, after_each=save)
-        print(f"\nPerplexity ({args.protocol}; lower is better; 95% interval over "
-              f"{'windows' if args.protocol == 'same-targets' else 'documents'} in parentheses)\n")
-        print(report.markdown_table(rows, "perplexity"))
-        if args.passkey_trials:
-            print(f"\nPasskey accuracy ({args.passkey_trials} trials per length, 95% Wilson interval)\n")
-            print(report.markdown_table(rows, "passkey_accuracy"))
         meta["seconds"] = time.perf_counter() - t0
-        written = report.write_outputs(rows, meta, args.out_dir, log=log)
-        print(f"\n# wrote {', '.join(written)}", file=sys.stderr)
-        return rows
+        return show_and_write(rows, meta, args.out_dir, args.passkey_trials, log)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def markdown_table(rows, key):
     out = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for lab in labels:
         out.append(f"| {lab} | " + " | ".join(text(cell[lab, n]) if (lab, n) in cell else "" for n in lengths) + " |")
-    out += [""] + [f"[{i}] {note}" for note, i in notes.items()] if notes else []
+    if notes:
+        out += [""] + [f"[{i}] {note}" for note, i in notes.items()]
     return "\n".join(out)
 
 
