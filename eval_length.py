@@ -184,11 +184,20 @@ def merge(args):
         differ = [k for k in same if doc["meta"].get(k) != docs[0]["meta"].get(k)]
         if differ:
             raise UserError(f"--merge: {folder} was evaluated with another {', '.join(differ)} than {args.merge[0]}")
+    with_passkey = [(folder, doc["meta"]) for folder, doc in zip(args.merge, docs) if doc["meta"].get("passkey_trials")]
+    for folder, m in with_passkey[1:]:  # one passkey plan too: a table heads every cell with one trial count
+        differ = [k for k in ("passkey_trials", "passkey_depth_buckets") if m.get(k) != with_passkey[0][1].get(k)]
+        if differ:
+            raise UserError(f"--merge: {folder} measured passkey with another {', '.join(differ)} "
+                            f"than {with_passkey[0][0]}")
     rows = [r for doc in docs for r in doc["results"]]
     meta = {**docs[0]["meta"], "checkpoints": [c for doc in docs for c in doc["meta"]["checkpoints"]],
             "merged_from": args.merge, "seconds": sum(doc["meta"].get("seconds", 0) for doc in docs)}
-    measured = any(r.get("passkey_accuracy") is not None for r in rows)
-    return show_and_write(rows, meta, args.out_dir, meta.get("passkey_trials") if measured else 0,
+    if with_passkey:
+        lengths = {n for _, m in with_passkey for n in m.get("passkey_lengths") or m["lengths"]}
+        meta.update({k: with_passkey[0][1].get(k) for k in ("passkey_trials", "passkey_depth_buckets")},
+                    passkey_lengths=sorted(lengths))
+    return show_and_write(rows, meta, args.out_dir, meta.get("passkey_trials") if with_passkey else 0,
                           log=lambda m: print(m, file=sys.stderr))
 
 

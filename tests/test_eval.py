@@ -185,6 +185,17 @@ def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
     assert code == 2 and "another lengths" in err
 
 
+def test_merge_refuses_passkey_measured_with_another_trial_count(tmp_path):
+    save_tiny_checkpoint(tmp_path / "m", block_size=64)
+    for trials in (2, 3):
+        assert run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300", f"--passkey_trials={trials}",
+                        "--scalings=none", "--target=32", "--windows=1", f"--out_dir={tmp_path / str(trials)}",
+                        f"--data_dir={tmp_path / 'data'}")[0] == 0
+    code, _, err = run_main("eval_length", "--merge", tmp_path / "2", tmp_path / "3", f"--out_dir={tmp_path / 'x'}")
+    assert code == 2 and err.startswith("error: ") and "another passkey_trials" in err, err
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
 def test_passkey_lengths_limits_where_passkey_is_measured(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", block_size=64)
     code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300,400", "--passkey_lengths=400",
