@@ -155,7 +155,8 @@ def curves(args):
 
 def profile(models, scalings, split, plan, args, meta):
     """--profile: per layer, the attention-weighted mean distance and the entropy of the attention rows of the
-    last --target queries of each window, averaged; a table and profile.json."""
+    last --target queries of each window, averaged; then each head's role (evaluate.head_roles); two tables
+    and profile.json."""
     rows = evaluate.profile_models(models, scalings, split, plan, args.target)
     layers = len(rows[0]["layers"])
     print("| model | length | " + " | ".join(f"layer {i}: distance, entropy" for i in range(layers)) + " |")
@@ -163,9 +164,18 @@ def profile(models, scalings, split, plan, args, meta):
     for r in rows:
         print(f"| {r['checkpoint']} ({r['attention']}, {r['scaling']}) | {r['length']:,} | "
               + " | ".join(f"{x['mean_distance']:.0f}, {x['entropy']:.2f}" for x in r["layers"]) + " |")
+    heads = {path: evaluate.head_roles(model, tok) for path, model, tok in models}
+    print("\nHeads at the training length: mean attention weight on the previous token, on the token after the"
+          " previous occurrence (induction), on the passkey's first digit; one number per head\n")
+    print("| model | layer | previous token | induction | passkey digit |\n|---|---|---|---|---|")
+    for path, model, _ in models:
+        for i in range(model.config.n_layer):
+            print(f"| {path} ({model.config.attention}) | {i} | " + " | ".join(
+                "-" if heads[path][k] is None else " ".join(f"{x:.2f}" for x in heads[path][k][i])
+                for k in ("previous", "induction", "passkey")) + " |")
     path = os.path.join(args.out_dir, "profile.json")
-    atomic_write(path, lambda f: f.write(json.dumps({"meta": meta, "profile": rows}, indent=1)), mode="w",
-                        what="profile")
+    atomic_write(path, lambda f: f.write(json.dumps({"meta": meta, "profile": rows, "heads": heads}, indent=1)),
+                 mode="w", what="profile")
     print(f"# wrote {path}", file=sys.stderr)
     return rows
 

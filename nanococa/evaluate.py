@@ -13,7 +13,8 @@ Passkey retrieval (nanococa/passkey.py): the key at every depth bucket, greedy, 
 evaluate_models() runs the whole grid of eval_length.py (checkpoints x scalings x lengths): a scaling
 that does nothing to a model (a rope scaling on ALiBi, which has no rotary) is measured once and the
 repeat says so. attention_profile() measures how far and how sharply each layer attends, the
-measurement behind docs/coca.md's account of dynamic NTK on CoCA.
+measurement behind docs/coca.md's account of dynamic NTK on CoCA; head_roles() finds previous-token,
+induction and key-retrieving heads, the measurement behind its account of who learns passkey retrieval.
 """
 import dataclasses
 import math
@@ -195,20 +196,19 @@ def evaluate_models(models, scalings, split, plan, corpus, log=print, after_each
 
 
 @torch.no_grad()
-def attention_profile(model, ids, scaling=None, queries=64):
-    """Where the last `queries` queries of one sequence ids (1-D) attend, per layer: the mean distance m - n
-    weighted by attention and the mean entropy of their attention rows (nats), averaged over heads and
-    queries. The weights are recomputed from each layer's input with the model file's own SDPA pairs."""
+def attention_weights(model, ids, scaling=None, queries=None):
+    """Per layer, the attention weights (H, queries, T) of the last `queries` queries (all by default) of one
+    sequence ids (1-D), recomputed from each layer's input with the model file's own SDPA pairs."""
     cfg = model.config
     x = model.transformer.wte(ids[None])
     T, D, H = x.size(1), cfg.n_embd // cfg.n_head, cfg.n_head
+    queries = queries or T
     scaling = scaling or Scaling()
     rot = None if cfg.attention == "alibi" else rotary_cos_sin(0, T, D, cfg.rope_base, scaling, cfg.block_size,
                                                                 x.device, x.dtype)
     log_m = log_key_count(0, T, x.device)
     row_scale = logn_scale(log_m, cfg.block_size) if scaling.logn else None
-    m = torch.arange(T - queries, T, device=x.device)[:, None]
-    distance = (m - torch.arange(T, device=x.device)[None, :]).to(x.dtype)  # (queries, T); negative: future
+    future = torch.arange(T - queries, T, device=x.device)[:, None] < torch.arange(T, device=x.device)[None, :]
     out = []
     for block in model.transformer.h:
         a = block.attn
@@ -224,11 +224,49 @@ def attention_profile(model, ids, scaling=None, queries=64):
             scale = s if scale is None else s * scale
         if scale is not None:
             scores = scores * scale[..., -queries:, :]
-        w = scores.masked_fill(distance < 0, float("-inf")).softmax(-1)  # (1, H, queries, T)
-        out.append(dict(mean_distance=float((w * distance.clamp(min=0)).sum(-1).mean()),
-                        entropy=float(-(w * w.clamp(min=1e-30).log()).sum(-1).mean())))
+        out.append(scores.masked_fill(future, float("-inf")).softmax(-1)[0])
         x = block(x, rot, log_m, row_scale)
     return out
+
+
+def attention_profile(model, ids, scaling=None, queries=64):
+    """Where the last `queries` queries of one sequence ids (1-D) attend, per layer: the mean distance m - n
+    weighted by attention and the mean entropy of their attention rows (nats), averaged over heads and
+    queries."""
+    T = ids.numel()
+    distance = (torch.arange(T - queries, T)[:, None] - torch.arange(T)[None, :]).clamp(min=0).to(ids.device)
+    return [dict(mean_distance=float((w * distance).sum(-1).mean()),
+                 entropy=float(-(w * w.clamp(min=1e-30).log()).sum(-1).mean()))
+            for w in attention_weights(model, ids, scaling, queries)]
+
+
+@torch.no_grad()
+def head_roles(model, tok, trials=8, period=128, seed=0):
+    """Per layer, per head: the mean attention weight on (a) the previous token and (b) the token after the
+    previous occurrence of the current one (where an induction head looks), over the second and later
+    repeats of a random string of `period` tokens repeated to the training length, and (c) the key's first
+    digit in the passkey text at the training length, from the query that predicts it (where a head that
+    retrieves the key looks; None when the training length is too short for a passkey text). Returns
+    dict(previous, induction, passkey) of (layers, heads) lists."""
+    g = np.random.default_rng(seed)
+    T, device = model.config.block_size, next(model.parameters()).device
+    period, with_passkey = min(period, T // 2), T >= passkey.min_length(tok)
+    roles = dict(previous=0, induction=0, passkey=0)
+    for _ in range(trials):
+        letters = "".join(chr(c) for c in g.integers(ord("a"), ord("z") + 1, 4 * period))
+        ids = (tok.encode(letters)[:period] * (T // period + 1))[:T]
+        w = torch.stack(attention_weights(model, torch.tensor(ids, device=device)))  # (layers, H, T, T)
+        m = torch.arange(period, T, device=device)
+        roles["previous"] += w[..., m, m - 1].mean(-1) / trials
+        roles["induction"] += w[..., m, m - period + 1].mean(-1) / trials
+        if with_passkey:
+            key = str(g.integers(10000, 100000))
+            prompt, start, answer = passkey.build(tok, T, g.random(), key)
+            first = lambda ids: next(i for i, t in enumerate(ids) if any(c.isdigit() for c in tok.decode([t])))  # noqa: E731
+            digit, query = start + first(passkey.key_sentence(tok, key)), len(prompt) - 1 + first(answer)
+            roles["passkey"] += torch.stack(attention_weights(model, torch.tensor(prompt + answer, device=device)))[
+                ..., query, digit] / trials
+    return {k: v.tolist() if torch.is_tensor(v) else None for k, v in roles.items()}
 
 
 def profile_models(models, scalings, split, plan, queries=128):

@@ -10,8 +10,10 @@ from hypothesis import given, strategies as st
 
 from helpers import run_main, run_script, save_tiny_checkpoint, tiny_gpt
 from nanococa import evaluate, passkey, report
+from nanococa.common import parse_scaling
 from nanococa.data import Split, prepare
 from nanococa.errors import UserError
+from nanococa.model import log_key_count, logn_scale, rotary_cos_sin
 from nanococa.tokenizer import get_tokenizer
 
 
@@ -216,3 +218,72 @@ def test_a_table_cell_without_a_value_points_to_one_note_that_says_why():
     table = report.markdown_table(rows, "passkey_accuracy")
     assert "| a (rope, none) | 1.00 (0.93-1.00) | - [1] | - [1] |" in table
     assert table.count(why) == 1 and table.endswith("[1] " + why)
+
+
+@pytest.mark.parametrize("attention, attn_scale, scaling", [
+    ("coca", "none", "none"), ("coca-slack", "none", "yarn:dynamic+logn"), ("rope", "ssmax", "dynamic:4"),
+    ("alibi", "none", "logn"), ("coca", "ssmax", "yarn:dynamic")])
+def test_attention_weights_are_the_models_own_attention(attention, attn_scale, scaling):
+    """Each layer's weights times its values give exactly what the layer's attention computes (before c_proj),
+    past the training length with the scalings: the profile measures the model, not a look-alike."""
+    model = tiny_gpt(attention, attn_scale=attn_scale, dtype=torch.float64, seed=3)
+    ids = torch.randint(0, 61, (70,), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hooks = [b.attn.c_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0])) for b in model.transformer.h]
+    model(ids[None], scaling=parse_scaling(scaling))
+    [h.remove() for h in hooks]
+    weights = evaluate.attention_weights(model, ids, parse_scaling(scaling))
+    x = model.transformer.wte(ids[None])
+    for block, w, y in zip(model.transformer.h, weights, seen):
+        assert torch.allclose(w.sum(-1), torch.ones(()).double()) and (w.triu(1) == 0).all()
+        v = block.attn.c_attn(block.ln_1(x)).split(32, dim=2)[2].view(70, 2, 16).transpose(0, 1)
+        assert torch.allclose((w @ v).transpose(0, 1).reshape(70, 32), y, atol=1e-12)
+        x = block(x, **model_inputs(model, 70, scaling))
+    last = evaluate.attention_weights(model, ids, parse_scaling(scaling), queries=5)
+    assert all(torch.allclose(a, b[:, -5:], atol=1e-14) for a, b in zip(last, weights))
+
+
+def model_inputs(model, T, scaling):
+    """The rotary tables, log key counts and row scale GPT.hidden hands its blocks (no cache, from position 0)."""
+    cfg, s = model.config, parse_scaling(scaling)
+    rot = None if cfg.attention == "alibi" else rotary_cos_sin(0, T, cfg.n_embd // cfg.n_head, cfg.rope_base, s,
+                                                                cfg.block_size, None, torch.float64)
+    log_m = log_key_count(0, T, None)
+    return dict(rot=rot, log_m=log_m, row_scale=logn_scale(log_m, cfg.block_size) if s.logn else None)
+
+
+def test_head_roles_scores_ideal_heads_where_their_roles_say(monkeypatch):
+    """With a stand-in attention of two ideal heads (head 0 on the previous token; head 1 on the token after
+    the longest earlier match of the text so far, an ideal induction head), head_roles gives head 0 its
+    previous-token weight of 1 and head 1 its induction and passkey weights of 1, and nothing across."""
+    def ideal(model, ids, scaling=None, queries=None):
+        T = ids.numel()
+        match = torch.zeros(T, T + 1)  # match[m, n]: how many tokens before n agree with those ending at m
+        for m in range(T):
+            same = (ids[m] == ids).float()  # same[n - 1] for key n
+            prev = match[m - 1, :-1] if m else torch.zeros(T)
+            match[m, 1:] = same * (1 + prev)
+        match = match[:, :T]
+        match[torch.arange(T)[:, None] < torch.arange(T)[None, :]] = -1  # no future keys
+        w = torch.zeros(2, T, T)
+        m = torch.arange(T)
+        w[0, m, (m - 1).clamp(min=0)] = 1
+        w[1, m, T - 1 - match.flip(-1).argmax(-1)] = 1  # the latest of the longest matches
+        return [w]
+    monkeypatch.setattr(evaluate, "attention_weights", ideal)
+    model = tiny_gpt("rope", block_size=512, n_layer=1)
+    roles = evaluate.head_roles(model, get_tokenizer("bytes"), trials=3)
+    assert roles["previous"] == [[1.0, pytest.approx(0.0, abs=0.02)]]
+    # (at the first query of the second repeat, a chance two-letter match can beat the one-letter true one)
+    assert roles["induction"][0][1] == pytest.approx(1.0, abs=0.01) and roles["induction"][0][0] < 0.02
+    assert roles["passkey"] == [[0.0, 1.0]]
+
+
+def test_profile_prints_and_writes_each_heads_roles(tmp_path):
+    save_tiny_checkpoint(tmp_path / "m", block_size=400, n_head=2)
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=400", "--target=32",
+                              "--windows=1", "--profile", f"--out_dir={tmp_path / 'p'}", f"--data_dir={tmp_path / 'd'}")
+    assert code == 0, err
+    heads = json.load(open(tmp_path / "p" / "profile.json"))["heads"][str(tmp_path / "m")]
+    assert {k: (len(v), len(v[0])) for k, v in heads.items()} == {k: (2, 2) for k in heads} and len(heads) == 3
+    assert "| induction |" in out and f"| {tmp_path / 'm'} (coca) | 1 |" in out
