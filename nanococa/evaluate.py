@@ -240,6 +240,11 @@ def attention_profile(model, ids, scaling=None, queries=64):
             for w in attention_weights(model, ids, scaling, queries)]
 
 
+def first_digit(tok, ids):
+    """Index of the first token of ids that holds a digit."""
+    return next(i for i, t in enumerate(ids) if any(c.isdigit() for c in tok.decode([t])))
+
+
 @torch.no_grad()
 def head_roles(model, tok, trials=8, period=128, seed=0):
     """Per layer, per head: the mean attention weight on (a) the previous token and (b) the token after the
@@ -262,10 +267,10 @@ def head_roles(model, tok, trials=8, period=128, seed=0):
         if with_passkey:
             key = str(g.integers(10000, 100000))
             prompt, start, answer = passkey.build(tok, T, g.random(), key)
-            first = lambda ids: next(i for i, t in enumerate(ids) if any(c.isdigit() for c in tok.decode([t])))  # noqa: E731
-            digit, query = start + first(passkey.key_sentence(tok, key)), len(prompt) - 1 + first(answer)
-            roles["passkey"] += torch.stack(attention_weights(model, torch.tensor(prompt + answer, device=device)))[
-                ..., query, digit] / trials
+            digit = start + first_digit(tok, passkey.key_sentence(tok, key))  # the key's first digit
+            query = len(prompt) - 1 + first_digit(tok, answer)  # the position that predicts it
+            w = torch.stack(attention_weights(model, torch.tensor(prompt + answer, device=device)))
+            roles["passkey"] += w[..., query, digit] / trials
     return {k: v.tolist() if torch.is_tensor(v) else None for k, v in roles.items()}
 
 
