@@ -166,7 +166,8 @@ def profile(models, scalings, split, plan, args, meta):
               + " | ".join(f"{x['mean_distance']:.0f}, {x['entropy']:.2f}" for x in r["layers"]) + " |")
     heads = {path: evaluate.head_roles(model, tok) for path, model, tok in models}
     print("\nHeads at the training length: mean attention weight on the previous token, on the token after the"
-          " previous occurrence (induction), on the passkey's first digit; one number per head\n")
+          " previous occurrence (induction), on the key's first digit (both mentions) from the query that writes it;"
+          " one number per head\n")
     print("| model | layer | previous token | induction | passkey digit |\n|---|---|---|---|---|")
     for path, model, _ in models:
         for i in range(model.config.n_layer):

@@ -240,9 +240,10 @@ def attention_profile(model, ids, scaling=None, queries=64):
             for w in attention_weights(model, ids, scaling, queries)]
 
 
-def first_digit(tok, ids):
-    """Index of the first token of ids that holds a digit."""
-    return next(i for i, t in enumerate(ids) if any(c.isdigit() for c in tok.decode([t])))
+def digit_starts(tok, ids):
+    """Indices of the tokens of ids that hold a digit after one that does not: where each number begins."""
+    digit = [any(c.isdigit() for c in tok.decode([t])) for t in ids]
+    return [i for i, d in enumerate(digit) if d and not (i and digit[i - 1])]
 
 
 @torch.no_grad()
@@ -250,8 +251,8 @@ def head_roles(model, tok, trials=8, period=128, seed=0):
     """Per layer, per head: the mean attention weight on (a) the previous token and (b) the token after the
     previous occurrence of the current one (where an induction head looks), over the second and later
     repeats of a random string of `period` tokens repeated to the training length, and (c) the key's first
-    digit in the passkey text at the training length, from the query that predicts it (where a head that
-    retrieves the key looks; None when the training length is too short for a passkey text). Returns
+    digit (both places the passkey text states the key) at the training length, from the query that must
+    write it (where a head that retrieves the key looks; None when the training length is too short for a passkey text). Returns
     dict(previous, induction, passkey) of (layers, heads) lists."""
     g = np.random.default_rng(seed)
     T, device = model.config.block_size, next(model.parameters()).device
@@ -267,10 +268,10 @@ def head_roles(model, tok, trials=8, period=128, seed=0):
         if with_passkey:
             key = str(g.integers(10000, 100000))
             prompt, start, answer = passkey.build(tok, T, g.random(), key)
-            digit = start + first_digit(tok, passkey.key_sentence(tok, key))  # the key's first digit
-            query = len(prompt) - 1 + first_digit(tok, answer)  # the position that predicts it
+            digits = [start + i for i in digit_starts(tok, passkey.key_sentence(tok, key))]  # the key, twice
+            query = len(prompt) - 1 + digit_starts(tok, answer)[0]  # the position that writes its first digit
             w = torch.stack(attention_weights(model, torch.tensor(prompt + answer, device=device)))
-            roles["passkey"] += w[..., query, digit] / trials
+            roles["passkey"] += w[..., query, digits].sum(-1) / trials
     return {k: v.tolist() if torch.is_tensor(v) else None for k, v in roles.items()}
 
 
