@@ -141,7 +141,11 @@ def plot_results(rows, meta, path, log=print):
     styles = run_styles((method(r), r["checkpoint"]) for r in rows)
     has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
     panels = len(scalings) + has_passkey
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels + 1, 4.6), squeeze=False)
+    cols = min(panels, 3)
+    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(5 * cols, 4.2 * -(-panels // cols)), squeeze=False)
+    axes = [axes.flat[:panels]]  # a grid, read in order; spare cells are removed below
+    for ax in fig.axes[panels:]:
+        ax.remove()
     ppl_axes = axes[0][:len(scalings)]
     for ax, scaling in zip(ppl_axes, scalings):
         for (m, ckpt), (colour, style) in styles.items():
@@ -171,7 +175,6 @@ def plot_results(rows, meta, path, log=print):
                         capsize=2, label=f"{r0[0]} ({r0[1]})")
         ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
                title="passkey retrieval")
-        ax.legend(fontsize=6)
     lengths = sorted({r["length"] for r in rows})
     values = [v for r in rows for v in (r.get("perplexity_lo"), r.get("perplexity"), r.get("perplexity_hi"))
               if v is not None]
@@ -181,10 +184,16 @@ def plot_results(rows, meta, path, log=print):
             ax.set_ylim(min(values) / 1.1, max(values) * 1.1)  # one scale for every panel: they compare at a glance
     for ax in axes[0]:
         length_axis(ax, lengths)
-    ppl_axes[0].legend(fontsize=6)
+    legend = {}  # every line once, below the panels, so that many lines do not cover them
+    for ax in axes[0]:
+        legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
+    ncol = 2 * cols
+    height = 0.2 * -(-len(legend) // ncol) + 0.3  # inches
+    fig.set_figheight(fig.get_figheight() + height)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.suptitle(f"trained at {meta.get('train_len')}; the same target tokens at every length" if
                  meta.get("protocol") == "same-targets" else f"trained at {meta.get('train_len')}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
     return save_figure(fig, plt, path)
 
 
