@@ -142,11 +142,9 @@ def plot_results(rows, meta, path, log=print):
     has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
     panels = len(scalings) + has_passkey
     cols = min(panels, 3)
-    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(5 * cols, 4.2 * -(-panels // cols)), squeeze=False)
-    axes = [axes.flat[:panels]]  # a grid, read in order; spare cells are removed below
-    for ax in fig.axes[panels:]:
-        ax.remove()
-    ppl_axes = axes[0][:len(scalings)]
+    fig, grid = plt.subplots(-(-panels // cols), cols, figsize=(5 * cols, 4.2 * -(-panels // cols)), squeeze=False)
+    axes, spare = list(grid.flat[:panels]), list(grid.flat[panels:])  # a grid, read in order
+    ppl_axes = axes[:len(scalings)]
     for ax, scaling in zip(ppl_axes, scalings):
         for (m, ckpt), (colour, style) in styles.items():
             mine = sorted((r for r in rows if r["checkpoint"] == ckpt and r["scaling"] == scaling
@@ -162,7 +160,7 @@ def plot_results(rows, meta, path, log=print):
         ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
     ppl_axes[0].set_ylabel(f"perplexity, {meta.get('protocol')} (95% band)")
     if has_passkey:
-        ax = axes[0][-1]
+        ax = axes[-1]
         for r0 in dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows):
             pk = sorted((r for r in rows if (r["checkpoint"], r["scaling"]) == r0
                          and r.get("passkey_accuracy") is not None), key=lambda r: r["length"])
@@ -182,15 +180,16 @@ def plot_results(rows, meta, path, log=print):
         log_y_axis(ax)
         if values:
             ax.set_ylim(min(values) / 1.1, max(values) * 1.1)  # one scale for every panel: they compare at a glance
-    for ax in axes[0]:
+    for ax in axes:
         length_axis(ax, lengths)
     legend = {}  # every line once, below the panels, so that many lines do not cover them
-    for ax in axes[0]:
+    for ax in axes:
         legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
-    ncol = 2 * cols
-    height = 0.2 * -(-len(legend) // ncol) + 0.3  # inches
+    for ax in spare:
+        ax.remove()
+    height = 0.2 * -(-len(legend) // (2 * cols)) + 0.3  # inches added below the grid for the legend
     fig.set_figheight(fig.get_figheight() + height)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2 * cols, fontsize=7, frameon=False)
     fig.suptitle(f"trained at {meta.get('train_len')}; the same target tokens at every length" if
                  meta.get("protocol") == "same-targets" else f"trained at {meta.get('train_len')}", fontsize=10)
     fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
