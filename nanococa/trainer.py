@@ -435,6 +435,7 @@ def finish(run, last_val, seconds, first_iter=0):
         if len(set(prints)) != 1:
             raise RuntimeError(f"DDP ranks ended with different weights: {prints}")
         run.say(f"ddp: weights identical on all {run.procs.world} processes (fingerprint {prints[0]})")
+        dist.barrier()  # no rank tears its connections down while another still reads from them
         dist.destroy_process_group()
     record(run, event="end", **summary)
     steps = f"steps {first_iter}-{run.iter_num}" if first_iter else f"{run.iter_num} steps"
