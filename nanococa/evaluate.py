@@ -252,8 +252,8 @@ def head_roles(model, tok, trials=8, period=128, seed=0):
     previous occurrence of the current one (where an induction head looks), over the second and later
     repeats of a random string of `period` tokens repeated to the training length, and (c) the key's first
     digit (both places the passkey text states the key) at the training length, from the query that must
-    write it (where a head that retrieves the key looks; None when the training length is too short for a passkey text). Returns
-    dict(previous, induction, passkey) of (layers, heads) lists."""
+    write it (where a head that retrieves the key looks; None when the training length is too short for a
+    passkey text). Returns dict(previous, induction, passkey) of (layers, heads) lists."""
     g = np.random.default_rng(seed)
     T, device = model.config.block_size, next(model.parameters()).device
     period, with_passkey = min(period, T // 2), T >= passkey.min_length(tok)

@@ -13,7 +13,6 @@ from nanococa import evaluate, passkey, report
 from nanococa.common import parse_scaling
 from nanococa.data import Split, prepare
 from nanococa.errors import UserError
-from nanococa.model import log_key_count, logn_scale, rotary_cos_sin
 from nanococa.tokenizer import get_tokenizer
 
 
@@ -228,28 +227,19 @@ def test_attention_weights_are_the_models_own_attention(attention, attn_scale, s
     past the training length with the scalings: the profile measures the model, not a look-alike."""
     model = tiny_gpt(attention, attn_scale=attn_scale, dtype=torch.float64, seed=3)
     ids = torch.randint(0, 61, (70,), generator=torch.Generator().manual_seed(0))
-    seen = []
-    hooks = [b.attn.c_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0])) for b in model.transformer.h]
+    inputs, outputs = [], []  # each attention layer's input (after ln_1) and its output before c_proj
+    hooks = [h for b in model.transformer.h for h in (
+        b.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0][0])),
+        b.attn.c_proj.register_forward_pre_hook(lambda m, a: outputs.append(a[0][0])))]
     model(ids[None], scaling=parse_scaling(scaling))
     [h.remove() for h in hooks]
     weights = evaluate.attention_weights(model, ids, parse_scaling(scaling))
-    x = model.transformer.wte(ids[None])
-    for block, w, y in zip(model.transformer.h, weights, seen):
+    for block, w, x, y in zip(model.transformer.h, weights, inputs, outputs):
         assert torch.allclose(w.sum(-1), torch.ones(()).double()) and (w.triu(1) == 0).all()
-        v = block.attn.c_attn(block.ln_1(x)).split(32, dim=2)[2].view(70, 2, 16).transpose(0, 1)
+        v = block.attn.c_attn(x).split(32, dim=1)[2].view(70, 2, 16).transpose(0, 1)
         assert torch.allclose((w @ v).transpose(0, 1).reshape(70, 32), y, atol=1e-12)
-        x = block(x, **model_inputs(model, 70, scaling))
     last = evaluate.attention_weights(model, ids, parse_scaling(scaling), queries=5)
     assert all(torch.allclose(a, b[:, -5:], atol=1e-14) for a, b in zip(last, weights))
-
-
-def model_inputs(model, T, scaling):
-    """The rotary tables, log key counts and row scale GPT.hidden hands its blocks (no cache, from position 0)."""
-    cfg, s = model.config, parse_scaling(scaling)
-    rot = None if cfg.attention == "alibi" else rotary_cos_sin(0, T, cfg.n_embd // cfg.n_head, cfg.rope_base, s,
-                                                                cfg.block_size, None, torch.float64)
-    log_m = log_key_count(0, T, None)
-    return dict(rot=rot, log_m=log_m, row_scale=logn_scale(log_m, cfg.block_size) if s.logn else None)
 
 
 def test_head_roles_scores_ideal_heads_where_their_roles_say(monkeypatch):
