@@ -46,6 +46,7 @@ class TrainConfig(GPTConfig):
     eval_windows: int = 2  # validation windows scored per length for --eval_lengths
     passkey_mix: float = 0.0  # fraction of training rows replaced by passkey texts
     passkey_trials: int = 32  # with the mix on: passkey trials at block_size at each evaluation
+    passkey_stop: float = 0.0  # with the mix on: end two evaluations after passkey accuracy first reaches this
     log_interval: int = 10
     out_dir: str = "out"
     resume: bool = False  # continue out_dir/ckpt.pt where it stopped
@@ -87,6 +88,8 @@ class TrainConfig(GPTConfig):
                 raise UserError(f"--{key}={getattr(self, key)} must be in [0, 1)")
         if not 0.0 <= self.passkey_mix <= 1.0:
             raise UserError(f"--passkey_mix={self.passkey_mix} must be a fraction in [0, 1]")
+        if not 0.0 <= self.passkey_stop <= 1.0 or (self.passkey_stop and not self.passkey_mix):
+            raise UserError(f"--passkey_stop={self.passkey_stop} must be an accuracy in [0, 1], and needs --passkey_mix")
         if self.resume and self.init_from:
             raise UserError("--resume continues this run, --init_from starts a new one from another's weights: "
                             "give one of them")
@@ -162,6 +165,8 @@ HELP = {  # one line per option, in the order of --help
     "eval_windows": "validation windows per length for --eval_lengths",
     "passkey_mix": "fraction of training rows replaced by passkey texts (teaches retrieval)",
     "passkey_trials": "with --passkey_mix: passkey trials at block_size at each evaluation",
+    "passkey_stop": "with --passkey_mix: end the run two evaluations after passkey accuracy first reaches this "
+                    "(0: never)",
     "log_interval": "steps between progress lines",
     "out_dir": "folder of ckpt.pt and log.jsonl",
     "resume": "continue out_dir/ckpt.pt where it stopped",

@@ -6,12 +6,16 @@ Read top to bottom. It holds:
   2. Positions: one rotary implementation (half-split layout) with the context extensions of a
      Scaling (dynamic NTK, position interpolation, YaRN in its static and dynamic forms), ALiBi's head
      slopes, and the length-aware row scales (logn at inference, ssmax trained).
-  3. Attention, four variants, each a naive function (the equation, materialised) beside its fast
-     form (plain scaled-dot-product attention, O(T*D) memory):
-       rope        RoPE (RoFormer)                         rope_scores_naive   | rope_sdpa_qk
-       coca        strict CoCA (Eqs. 7-9, 17)              coca_scores_naive   | coca_sdpa_qk
-       coca-slack  CoCA-Slack (Eq. 10, the official code)  slack_scores_naive  | slack_sdpa_qk
-       alibi       ALiBi (Press et al., 2022)              alibi_scores_naive  | alibi_sdpa
+  3. Attention, each variant a naive function (the equation, materialised) beside its fast form
+     (plain scaled-dot-product attention, O(T*D) memory):
+       rope        RoPE (RoFormer)                         rope_scores_naive        | rope_sdpa_qk
+       coca        strict CoCA (Eqs. 7-9, 17)              coca_scores_naive        | coca_sdpa_qk
+       coca-slack  CoCA-Slack (Eq. 10, the official code)  slack_scores_naive       | slack_sdpa_qk
+       alibi       ALiBi (Press et al., 2022)              alibi_scores_naive       | alibi_sdpa
+     and the ladder from RoPE to CoCA, one freedom removed per rung (docs/coca.md, section 12):
+       phase-free  RoPE with real query and key planes     phase_free_scores_naive  | phase_free_sdpa_qk
+       coca-signed strict CoCA without the key's ReLU      coca_scores_naive        | coca_sdpa_qk
+       coca-slack-signed  CoCA-Slack without it            slack_scores_naive       | slack_sdpa_qk
      attention() runs either path; it is the one route to the fast path, with or without a cache.
   4. Kernels: FlexAttention for ALiBi on CUDA, compiled on first use.
   5. KVCache: keys in SDPA form and values, the position of the next token, its rotary rows.
@@ -35,7 +39,7 @@ try:
 except ImportError:  # torch < 2.5: ALiBi takes the chunked SDPA path everywhere
     flex_attention = None
 
-ATTENTIONS = ("coca", "coca-slack", "rope", "alibi")
+ATTENTIONS = ("coca", "coca-slack", "rope", "alibi", "phase-free", "coca-signed", "coca-slack-signed")
 ATTN_IMPLS = ("fast", "naive")
 ATTN_SCALES = ("none", "ssmax")
 NAIVE_MAX_ELEMENTS = 2**27  # the largest tensor a naive path may materialise (elements)
@@ -50,7 +54,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False
-    attention: str = "coca"  # "coca" (strict), "coca-slack", "rope" or "alibi"
+    attention: str = "coca"  # "coca" (strict), "coca-slack", "rope", "alibi" or a rung of the ladder
     attn_impl: str = "fast"  # "fast" (SDPA form) or "naive" (literal equations)
     attn_scale: str = "none"  # "ssmax": each row of logits times s_h * log(m + 1), s learned
     rope_base: float = 10000.0
@@ -188,47 +192,69 @@ def sdpa(q, k, v, dropout_p=0.0, scale=None):
                                           is_causal=mask is None and Tq > 1, scale=scale)
 
 
-def tau_of(t):
-    """Eq. 6, as in the official code: the mean of t's two halves, ReLU. (B, H, T, D) -> (B, H, T, D/2)."""
-    t1, t2 = t.chunk(2, dim=-1)
-    return F.relu((t1 + t2) / 2)
+def half_mean(x):
+    """The mean of each plane's two coordinates: (..., D) -> (..., D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x1 + x2) / 2
+
+
+def tau_of(t, signed=False):
+    """Eq. 6, as in the official code: the mean of t's two halves, ReLU; signed=True leaves the ReLU out
+    (the ladder's signed rungs). (B, H, T, D) -> (B, H, T, D/2)."""
+    return half_mean(t) if signed else F.relu(half_mean(t))
 
 
 # --- strict CoCA ---
-def coca_keys_literal(q, t):
+def coca_keys_literal(q, t, signed=False):
     """Eq. 7: k_{m,n} = q_m * [tau_n, tau_n], one key per (query, key) pair: (B, H, Tq, Tk, D)."""
-    tau = tau_of(t)
+    tau = tau_of(t, signed)
     return q[:, :, :, None, :] * torch.cat((tau, tau), dim=-1)[:, :, None, :, :]
 
 
-def coca_scores_naive(q, t, rot):
+def coca_scores_naive(q, t, rot, signed=False):
     """Eqs. 8-9: a(m, n) = <f(q_m, m), f(k_{m,n}, n)> / sqrt(D), from the literal keys: (B, H, T, T)."""
     B, H, T, D = q.shape
     check_budget(B * H * T * T * D, "strict CoCA")
-    k = rotate(coca_keys_literal(q, t), *rot)  # key n's (T, D/2) rotation broadcasts over the query axis
+    k = rotate(coca_keys_literal(q, t, signed), *rot)  # key n's rotation (T, D/2) broadcasts over the queries
     return (rotate(q, *rot)[:, :, :, None, :] * k).sum(-1) / math.sqrt(D)
 
 
-def coca_sdpa_qk(q, t, rot):
+def coca_sdpa_qk(q, t, rot, signed=False):
     """Eq. 17 as an SDPA (query, key) pair: Q' = f([e, 0], m), K' = f([tau, 0], n), e_j = |q_j|^2."""
     q1, q2 = q.chunk(2, dim=-1)
-    return rotate_real(q1 * q1 + q2 * q2, *rot), rotate_real(tau_of(t), *rot)
+    return rotate_real(q1 * q1 + q2 * q2, *rot), rotate_real(tau_of(t, signed), *rot)
 
 
 # --- CoCA-Slack ---
-def slack_scores_naive(q, t, rot):
+def slack_scores_naive(q, t, rot, signed=False):
     """Eq. 10 as the official code: einsum(q, f([tau, tau], n), f(q, m)) / sqrt(D): (B, H, T, T)."""
     B, H, T, D = q.shape
     check_budget(B * H * T * T, "CoCA-Slack")
-    tau = tau_of(t)
+    tau = tau_of(t, signed)
     kk = rotate(torch.cat((tau, tau), dim=-1), *rot)
     return torch.einsum("bhmd,bhnd,bhmd->bhmn", q, kk, rotate(q, *rot)) / math.sqrt(D)
 
 
-def slack_sdpa_qk(q, t, rot):
+def slack_sdpa_qk(q, t, rot, signed=False):
     """Eq. 10 as an SDPA (query, key) pair: Q'' = q * f(q, m), K'' = f([tau, tau], n)."""
-    tau = tau_of(t)
+    tau = tau_of(t, signed)
     return q * rotate(q, *rot), rotate(torch.cat((tau, tau), dim=-1), *rot)
+
+
+# --- phase-free: the ladder's first rung from RoPE toward CoCA ---
+def phase_free_scores_naive(q, k, rot):
+    """a(m, n) = sum_j a_m[j] b_n[j] cos((m - n) theta_j) / sqrt(D) with a, b the signed plane means of q and
+    k: each plane's query and key are real numbers, so no angle lies between them. (B, H, T, T)"""
+    B, H, T, D = q.shape
+    check_budget(B * H * T * T * D // 2, "phase-free")
+    cos, sin = rot
+    cos_mn = cos[..., :, None, :] * cos[..., None, :, :] + sin[..., :, None, :] * sin[..., None, :, :]
+    return (half_mean(q)[..., :, None, :] * half_mean(k)[..., None, :, :] * cos_mn).sum(-1) / math.sqrt(D)
+
+
+def phase_free_sdpa_qk(q, k, rot):
+    """The same as an SDPA (query, key) pair: f([a, 0], m), f([b, 0], n)."""
+    return rotate_real(half_mean(q), *rot), rotate_real(half_mean(k), *rot)
 
 
 # --- RoPE ---
@@ -287,8 +313,14 @@ def alibi_attend(q, k, v, slopes, row_scale=None, dropout_p=0.0):
     return alibi_sdpa(q, k, v, slopes, row_scale, dropout_p)
 
 
-NAIVE_SCORES = {"coca": coca_scores_naive, "coca-slack": slack_scores_naive, "rope": rope_scores_naive}
-SDPA_QK = {"coca": coca_sdpa_qk, "coca-slack": slack_sdpa_qk, "rope": rope_sdpa_qk}
+NAIVE_SCORES = {"coca": coca_scores_naive, "coca-slack": slack_scores_naive, "rope": rope_scores_naive,
+                "phase-free": phase_free_scores_naive,
+                "coca-signed": functools.partial(coca_scores_naive, signed=True),
+                "coca-slack-signed": functools.partial(slack_scores_naive, signed=True)}
+SDPA_QK = {"coca": coca_sdpa_qk, "coca-slack": slack_sdpa_qk, "rope": rope_sdpa_qk,
+           "phase-free": phase_free_sdpa_qk,
+           "coca-signed": functools.partial(coca_sdpa_qk, signed=True),
+           "coca-slack-signed": functools.partial(slack_sdpa_qk, signed=True)}
 
 
 def attention(variant, impl, q, t, v, *, rot=None, slopes=None, row_scale=None, dropout_p=0.0, cache=None,

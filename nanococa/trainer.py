@@ -77,6 +77,7 @@ class Run:
     iter_num: int
     source: Optional[dict]  # where --init_from's weights came from
     fingerprint: str  # of the corpus the run trains on
+    passkey_reached: Optional[int]  # the first evaluation at which passkey accuracy reached --passkey_stop
     say: Callable  # prints (on the master process only)
     jsonl: object  # log.jsonl, open for appending (master only)
 
@@ -140,7 +141,7 @@ def build_model(cfg, procs, tok, say):
         for key, old, new in changes:
             say(f"resume: {key} {old!r} -> {new!r}")
         state.update(iter=ckpt["iter"], rng=ckpt["rng"], source=ckpt.get("init_from"),
-                     fingerprint=ckpt.get("data_fingerprint"))
+                     fingerprint=ckpt.get("data_fingerprint"), passkey_reached=ckpt.get("passkey_reached"))
     else:
         model = GPT(GPTConfig(**cfg.model_args()))
     if cfg.init_from:
@@ -208,7 +209,7 @@ def start_run(cfg, procs, say):
         jsonl = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w")
     run = Run(cfg, procs, tok, raw_model, model, optimizer,
               torch.amp.GradScaler(procs.device_type, enabled=procs.dtype == "float16"), splits, windows, batch_gen,
-              state["iter"], state.get("source"), fingerprint, say, jsonl)
+              state["iter"], state.get("source"), fingerprint, state.get("passkey_reached"), say, jsonl)
     say(f"model: {method_name(cfg.attention, cfg.attn_scale)}, {raw_model.num_params() / 1e6:.2f}M parameters, "
         f"{cfg.n_layer} layers x {cfg.n_embd}, context {cfg.block_size}; device {procs.device} ({procs.dtype})"
         f"{f', {procs.world} processes' if procs.ddp else ''}; {tokens_per_step(cfg):,} tokens per step; "
@@ -310,7 +311,8 @@ def save_checkpoint(run, val_loss):
         checkpoint.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                          "model_args": run.cfg.model_args(), "train_config": dataclasses.asdict(run.cfg),
                          "tokenizer": run.tok.name, "iter": run.iter_num, "val_loss": val_loss, "rng": rng,
-                         "init_from": run.source, "data_fingerprint": run.fingerprint}, run.ckpt_path)
+                         "init_from": run.source, "data_fingerprint": run.fingerprint,
+                         "passkey_reached": run.passkey_reached}, run.ckpt_path)
 
 
 def evaluate_and_save(run):
@@ -320,8 +322,10 @@ def evaluate_and_save(run):
     losses = estimate_losses(run)
     ppl, pk = long_context_checks(run)
     run.model.train()
-    save_checkpoint(run, losses["val"])
     pk_acc = pk and sum(pk["hits"]) / len(pk["hits"])
+    if pk and run.cfg.passkey_stop and pk_acc >= run.cfg.passkey_stop and run.passkey_reached is None:
+        run.passkey_reached = run.iter_num
+    save_checkpoint(run, losses["val"])
     pk_nll = pk and [sum(t) / len(t) for t in zip(*pk["nll"])]  # mean NLL of each answer token
     run.say(f"eval  {run.iter_num:>6} | train {losses['train']:.4f} | val {losses['val']:.4f}"
             + "".join(f" | ppl@{short(n)} {p:.2f}" for n, p in ppl.items())
@@ -382,7 +386,7 @@ def train_loop(run):
     t_start = t_last = time.time()
     first_iter, last_val = run.iter_num, None
     run.model.train()
-    while run.iter_num < cfg.max_iters:
+    while run.iter_num < cfg.max_iters and not passkey_done(run):
         # this step's learning rate: linear warm-up, then cosine decay
         lr = lr_at(run.iter_num, cfg)
         for group in run.optimizer.param_groups:
@@ -426,6 +430,12 @@ def train_loop(run):
     return finish(run, last_val, time.time() - t_start, first_iter)
 
 
+def passkey_done(run):
+    """--passkey_stop: two evaluations have passed since passkey accuracy first reached it."""
+    reached = run.passkey_reached
+    return reached is not None and run.iter_num >= reached + 2 * run.cfg.eval_interval
+
+
 def finish(run, last_val, seconds, first_iter=0):
     """The end: DDP ranks agree (or it is an error), the last record and line; returns the summary."""
     summary = dict(iters=run.iter_num, val_loss=last_val, seconds=seconds, out_dir=run.cfg.out_dir)
@@ -437,10 +447,14 @@ def finish(run, last_val, seconds, first_iter=0):
         run.say(f"ddp: weights identical on all {run.procs.world} processes (fingerprint {prints[0]})")
         dist.barrier()  # no rank tears its connections down while another still reads from them
         dist.destroy_process_group()
+    if run.passkey_reached is not None:
+        summary["passkey_reached"] = run.passkey_reached
     record(run, event="end", **summary)
     steps = f"steps {first_iter}-{run.iter_num}" if first_iter else f"{run.iter_num} steps"
     run.say(f"done: {steps} in {fmt_time(seconds)}"
-            + (f", val loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint {run.ckpt_path}")
+            + (f", val loss {last_val:.4f}" if last_val is not None else "")
+            + (f"; passkey reached {run.cfg.passkey_stop} at step {run.passkey_reached}" if run.passkey_reached
+               is not None else "") + f"; checkpoint {run.ckpt_path}")
     return summary
 
 

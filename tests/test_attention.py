@@ -7,9 +7,10 @@ from hypothesis import example, given, strategies as st
 
 from helpers import TOL, attn_inputs, randn
 from nanococa.common import parse_scaling
-from nanococa.model import (ATTENTIONS, Scaling, alibi_flex, alibi_scores_naive, alibi_sdpa, alibi_slopes, attention,
-                            coca_keys_literal, coca_scores_naive, flex_attention, log_key_count, logn_scale,
-                            rope_scores_naive, rotary_cos_sin, rotate, slack_scores_naive, tau_of)
+from nanococa.model import (ATTENTIONS, NAIVE_SCORES, Scaling, alibi_flex, alibi_scores_naive, alibi_sdpa,
+                            alibi_slopes, attention, coca_keys_literal, coca_scores_naive, flex_attention, half_mean,
+                            log_key_count, logn_scale, rope_scores_naive, rotary_cos_sin, rotate,
+                            slack_scores_naive, tau_of)
 
 
 def rot_for(s, dtype, offset=None, train_len=64):
@@ -111,26 +112,30 @@ def test_logn_is_one_inside_the_training_window_and_log_ratio_beyond():
     assert (scale[512:].diff() > 0).all()
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @given(s=attn_inputs(), data=st.data())
-def test_theorem1_slack_equals_strict_under_constraint(s, data):
-    """Theorem 1: with q[j] == q[j + D/2] for every plane (Eq. 11), Slack's scores equal Strict's."""
+def test_theorem1_slack_equals_strict_under_constraint(signed, s, data):
+    """Theorem 1: with q[j] == q[j + D/2] for every plane (Eq. 11), Slack's scores equal Strict's (the proof
+    never uses the key's sign, so it holds for the signed rungs too)."""
     shape = (s["B"], s["H"], s["T"], s["D"] // 2)
     half = randn(shape, s["seed"], torch.float64, n=1)[0]
     q = torch.cat((half, half), dim=-1)
     t = randn(q.shape, s["seed"] + 7, torch.float64, n=1)[0]
     rot = rot_for(s, torch.float64)
-    torch.testing.assert_close(slack_scores_naive(q, t, rot), coca_scores_naive(q, t, rot), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(slack_scores_naive(q, t, rot, signed), coca_scores_naive(q, t, rot, signed),
+                               rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("seed", range(5))
-def test_theorem1_slack_differs_from_strict_on_generic_queries(seed):
+def test_theorem1_slack_differs_from_strict_on_generic_queries(seed, signed):
     q, t = randn((1, 2, 16, 8), seed, torch.float64, n=2)
     rot = rotary_cos_sin(0, 16, 8, dtype=torch.float64)
-    gap = (slack_scores_naive(q, t, rot) - coca_scores_naive(q, t, rot)).abs().max()
+    gap = (slack_scores_naive(q, t, rot, signed) - coca_scores_naive(q, t, rot, signed)).abs().max()
     assert gap > 0.1, f"slack and strict scores differ by only {gap}"
 
 
-@pytest.mark.parametrize("variant", ["coca", "rope"])
+@pytest.mark.parametrize("variant", ["coca", "rope", "phase-free", "coca-signed"])
 @pytest.mark.parametrize("impl", ["naive", "fast"])
 @given(s=attn_inputs(), shift=st.integers(1, 100_000))
 def test_shift_invariance_of_strict_and_rope(variant, impl, s, shift):
@@ -142,29 +147,34 @@ def test_shift_invariance_of_strict_and_rope(variant, impl, s, shift):
                                rtol=1e-7, atol=1e-7)
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("shift", [1, 17, 500, 12_345])
-def test_slack_is_not_shift_invariant(shift):
+def test_slack_is_not_shift_invariant(shift, signed):
     q, t = randn((1, 2, 16, 8), 3, torch.float64, n=2)
     r0, r1 = rotary_cos_sin(0, 16, 8, dtype=torch.float64), rotary_cos_sin(shift, 16, 8, dtype=torch.float64)
-    gap = (slack_scores_naive(q, t, r0) - slack_scores_naive(q, t, r1)).abs().max()
+    gap = (slack_scores_naive(q, t, r0, signed) - slack_scores_naive(q, t, r1, signed)).abs().max()
     assert gap > 0.05, f"slack scores moved by only {gap} under a shift of {shift}"
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @given(s=attn_inputs(max_len=64))
-def test_collinearity_of_literal_strict_keys(s):
-    """Each key plane (k_j, k_{j+h}) is a non-negative multiple of its query plane (q_j, q_{j+h})."""
+def test_collinearity_of_literal_strict_keys(signed, s):
+    """Each key plane (k_j, k_{j+h}) is a multiple of its query plane (q_j, q_{j+h}): non-negative with the
+    ReLU, of either sign without it (collinear, possibly anti-parallel)."""
     q, t = randn((s["B"], s["H"], s["T"], s["D"]), s["seed"], torch.float64, n=2)
-    k = coca_keys_literal(q, t)  # (B, H, Tq, Tk, D)
+    k = coca_keys_literal(q, t, signed)  # (B, H, Tq, Tk, D)
     k1, k2 = k.chunk(2, -1)
     q1, q2 = (x[:, :, :, None, :] for x in q.chunk(2, -1))
     torch.testing.assert_close(k1 * q2 - k2 * q1, torch.zeros_like(k1), rtol=0, atol=1e-12)  # parallel
-    assert ((k1 * q1 + k2 * q2) >= 0).all()  # same direction
+    along = k1 * q1 + k2 * q2  # tau_n[j] |q_j|^2: against the query plane exactly where tau_n[j] < 0
+    assert torch.equal(along < 0, (tau_of(t, signed) < 0)[:, :, None].expand_as(along))
     # and the multiple is exactly tau_n[j]
-    torch.testing.assert_close(k1, q1 * tau_of(t)[:, :, None, :, :], rtol=0, atol=0)
+    torch.testing.assert_close(k1, q1 * tau_of(t, signed)[:, :, None, :, :], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @given(s=attn_inputs())
-def test_strict_score_is_a_cosine_of_the_distance(s):
+def test_strict_score_is_a_cosine_of_the_distance(signed, s):
     """Eq. 17: a(m, n) = sum_j tau_n[j] |q_m,j|^2 cos((m - n) theta_j) / sqrt(D)."""
     q, t = randn((s["B"], s["H"], s["T"], s["D"]), s["seed"], torch.float64, n=2)
     rot = rot_for(s, torch.float64)
@@ -172,8 +182,43 @@ def test_strict_score_is_a_cosine_of_the_distance(s):
     q1, q2 = q.chunk(2, -1)
     e = q1 * q1 + q2 * q2
     cos_mn = cos[:, None] * cos[None] + sin[:, None] * sin[None]  # (Tq, Tk, D/2)
-    expected = (e[:, :, :, None, :] * tau_of(t)[:, :, None, :, :] * cos_mn).sum(-1) / s["D"] ** 0.5
-    torch.testing.assert_close(coca_scores_naive(q, t, rot), expected, rtol=1e-9, atol=1e-9)
+    expected = (e[:, :, :, None, :] * tau_of(t, signed)[:, :, None, :, :] * cos_mn).sum(-1) / s["D"] ** 0.5
+    torch.testing.assert_close(coca_scores_naive(q, t, rot, signed), expected, rtol=1e-9, atol=1e-9)
+
+
+@given(s=attn_inputs())
+def test_phase_free_is_rope_on_real_planes(s):
+    """The ladder's first rung: RoPE whose query and key planes are the real numbers [a, 0] and [b, 0] (a, b
+    the plane means), so the angle between query and key is 0 or pi and only the rotation is left."""
+    q, k = randn((s["B"], s["H"], s["T"], s["D"]), s["seed"], torch.float64, n=2)
+    rot = rot_for(s, torch.float64)
+    real = [torch.cat((half_mean(x), torch.zeros_like(half_mean(x))), -1) for x in (q, k)]
+    torch.testing.assert_close(NAIVE_SCORES["phase-free"](q, k, rot), rope_scores_naive(*real, rot),
+                               rtol=1e-9, atol=1e-9)
+
+
+@given(seed=st.integers(0, 2**31 - 1), half=st.integers(1, 32), T=st.integers(2, 200))
+def test_with_the_relu_and_equal_keys_a_strict_score_is_largest_at_distance_0(seed, half, T):
+    """docs/coca.md section 3: with tau_n >= 0 and e_m >= 0 every term tau e cos(d theta) is at most tau e,
+    its value at distance 0; so with the same key at every position the nearest key scores highest."""
+    q, t = randn((1, 1, T, 2 * half), seed, torch.float64, n=2)
+    t = t[:, :, :1].expand_as(t)  # one key content at every position
+    scores = coca_scores_naive(q, t, rotary_cos_sin(0, T, 2 * half, dtype=torch.float64))
+    last = scores[0, 0, -1]  # the last query against every key n <= m
+    assert (last[:-1] <= last[-1] + 1e-12 * (1 + last[-1].abs())).all()
+
+
+def test_without_the_relu_a_far_key_can_outscore_the_nearest():
+    """The same property fails for coca-signed: one plane (theta = 1), tau = -1, e = 1: the score is -cos(d),
+    -1 at distance 0 and -cos(3) = 0.99 at distance 3."""
+    q = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, 1, 4, 2)
+    t = torch.tensor([-1.0, -1.0], dtype=torch.float64).expand(1, 1, 4, 2)
+    rot = rotary_cos_sin(0, 4, 2, dtype=torch.float64)
+    for signed, far_wins in ((True, True), (False, False)):
+        last = coca_scores_naive(q, t, rot, signed)[0, 0, -1]
+        assert bool(last[0] > last[-1]) == far_wins, (signed, last)
+    torch.testing.assert_close(coca_scores_naive(q, t, rot, True)[0, 0, -1, 0], torch.tensor(-math.cos(3) / 2 ** 0.5,
+                               dtype=torch.float64))
 
 
 def test_rotation_preserves_norm_and_composes():
@@ -230,7 +275,7 @@ def test_yarn_keeps_fast_planes_and_interpolates_slow_ones():
     torch.testing.assert_close(yarn[0] ** 2 + yarn[1] ** 2, torch.full_like(yarn[0], factor ** 2))
 
 
-@pytest.mark.parametrize("variant", ["rope", "coca", "coca-slack"])
+@pytest.mark.parametrize("variant", ["rope", "coca", "coca-slack", "phase-free", "coca-signed", "coca-slack-signed"])
 def test_yarn_multiplies_every_logit_by_the_square_of_its_factor(variant):
     """The attention factor sits on cos and sin, so query and key both carry it: logits scale by its square
     (a factor on the query alone, or on neither, fails this)."""
@@ -240,7 +285,7 @@ def test_yarn_multiplies_every_logit_by_the_square_of_its_factor(variant):
     thetas, factor = yarn_reference(D, 10000.0, s, 64)
     angles = torch.arange(T, dtype=torch.float64)[:, None] * torch.tensor(thetas, dtype=torch.float64)
     unit = (angles.cos(), angles.sin())  # YaRN's angles without its factor
-    naive = {"rope": rope_scores_naive, "coca": coca_scores_naive, "coca-slack": slack_scores_naive}[variant]
+    naive = NAIVE_SCORES[variant]
     torch.testing.assert_close(naive(q, t, scaled), factor ** 2 * naive(q, t, unit), rtol=1e-10, atol=1e-10)
 
 

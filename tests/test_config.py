@@ -86,6 +86,8 @@ def test_dtypes_are_defined_once():
     (["--passkey_mix=1.5"], ["passkey_mix", "[0, 1]"]),
     (["--passkey_mix=-0.1"], ["passkey_mix"]),
     (["--passkey_trials=0"], ["passkey_trials"]),
+    (["--passkey_stop=0.9"], ["passkey_stop", "needs --passkey_mix"]),
+    (["--passkey_mix=0.5", "--passkey_stop=1.5"], ["passkey_stop", "[0, 1]"]),
     (["--resume", "--init_from=out"], ["--resume", "--init_from"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ])

@@ -122,7 +122,7 @@ def test_naive_path_refuses_beyond_its_budget(variant):
         attention(variant, "naive", q, q, q, rot=rot, slopes=torch.ones(16))
 
 
-@pytest.mark.parametrize("variant", ["coca", "rope"])
+@pytest.mark.parametrize("variant", ["coca", "rope", "phase-free", "coca-signed"])
 @given(T=st.integers(1, 40), shift=st.integers(1, 100_000), seed=st.integers(0, 1000))
 def test_gpt_output_is_invariant_to_shifting_every_position(variant, T, shift, seed):
     """Strict CoCA and RoPE depend on m - n only (Slack does not: test_attention.py shows it). ALiBi is left

@@ -134,3 +134,56 @@ def test_a_block_too_short_for_the_passkey_text_is_refused_before_any_data(tmp_p
     with pytest.raises(UserError, match="passkey text needs 251 tokens"):
         train_micro(tmp_path / "out", tmp_path / "data", "--passkey_mix=0.1")  # block 64
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("name", ["bytes", "gpt2"])
+def test_min_length_has_room_for_every_key(name):
+    """With GPT-2's tokens a five-digit key takes 1 to 3 tokens, so the passkey texts of different keys differ in
+    length: min_length is the longest fixed text, and a text of exactly that length builds with any key."""
+    tok = get_tokenizer(name)
+    lo = passkey.min_length(tok)
+    longest = {k: len(passkey.key_sentence(tok, k)) + len(passkey.answer_ids(tok, k)) for k in range(10000, 100000)}
+    task, _, question = passkey.fixed_parts(tok)
+    assert lo == len(task) + len(question) + max(longest.values())
+    for key in sorted(longest, key=longest.get)[:3] + sorted(longest, key=longest.get)[-3:]:
+        prompt, _, answer = passkey.build(tok, lo, 0.5, str(key))
+        assert len(prompt) + len(answer) == lo
+    if name == "gpt2":  # measured with the key 12345 alone (as before), the minimum was 3 tokens short
+        assert max(longest.values()) - longest[12345] == 3
+    with pytest.raises(passkey.UserError, match="shorter than its fixed text"):
+        passkey.build(tok, lo - 1, 0.5, str(max(longest, key=longest.get)))
+
+
+def test_gpt2_passkey_rows_at_the_minimum_never_fail(tmp_path):
+    """Rows one token longer than the minimum, many times over: every key fits (the old minimum failed about
+    one row in three)."""
+    tok = get_tokenizer("gpt2")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ids = passkey.training_tokens(tok, passkey.min_length(tok) + 1, gen)
+        assert len(ids) == passkey.min_length(tok) + 1
+
+
+def test_passkey_stop_ends_two_evaluations_after_the_accuracy_is_reached(tmp_path, data_dir, monkeypatch):
+    """A stand-in scorer that retrieves from step 4 on: reached at the evaluation of step 4, the run ends at step 8
+    (two evaluations later) instead of 20, says so, and a resume of the finished run trains no further."""
+    real = passkey.score
+
+    def score(model, tok, length, trials, **kw):
+        res = real(model, tok, length, trials, **kw)
+        return {**res, "hits": [score.step >= 4] * trials}
+    score.step = 0
+    monkeypatch.setattr(passkey, "score", score)
+    base = ["--block_size=300", "--passkey_mix=0.5", "--passkey_trials=2", "--eval_interval=2", "--max_iters=20",
+            "--passkey_stop=0.9"]
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("iter"):
+            score.step = int(line.split()[1].split("/")[0])
+    lines = []
+    summary, _ = train_micro(tmp_path / "out", data_dir, *base, log=log)
+    assert summary["iters"] == 8 and summary["passkey_reached"] == 4
+    assert any("passkey reached 0.9 at step 4" in line for line in lines)
+    summary, _ = train_micro(tmp_path / "out", data_dir, *base, "--resume")
+    assert summary["iters"] == 8
