@@ -122,6 +122,21 @@ def parse_scaling(text):
     return Scaling(rope, factor, logn)
 
 
+POSITIONS_HELP = ("contiguous; pose:R (PoSE: two chunks, the second shifted by a random skip, so distances reach "
+                  "R - 1) or random:R (a sorted random sample of 0 .. R-1), R like 16K")
+
+
+def parse_positions(text):
+    """Training positions: "contiguous" -> None, "pose:16K" -> ("pose", 16384), "random:16K" -> ("random", 16384).
+    ValueError names what is wrong."""
+    kind, colon, reach = str(text).strip().partition(":")
+    if kind == "contiguous" and not colon:
+        return None
+    if kind not in ("pose", "random") or not colon or "," in reach:
+        raise ValueError(f"positions {text!r} is not one of: {POSITIONS_HELP}")
+    return kind, parse_lengths(reach)[0]
+
+
 def fmt_time(s):
     m, s = divmod(int(round(s)), 60)
     h, m = divmod(m, 60)

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .common import DEVICES, DTYPES, parse_lengths
+from .common import DEVICES, DTYPES, POSITIONS_HELP, parse_lengths, parse_positions
 from .errors import ArgumentParser, UserError
 from .model import ATTENTIONS, ATTN_IMPLS, ATTN_SCALES, GPTConfig
 from .tokenizer import TOKENIZERS, VOCAB_SIZES
@@ -47,6 +47,7 @@ class TrainConfig(GPTConfig):
     passkey_mix: float = 0.0  # fraction of training rows replaced by passkey texts
     passkey_trials: int = 32  # with the mix on: passkey trials at block_size at each evaluation
     passkey_stop: float = 0.0  # with the mix on: end two evaluations after passkey accuracy first reaches this
+    positions: str = "contiguous"  # training positions: contiguous, pose:R or random:R (inference: contiguous)
     log_interval: int = 10
     out_dir: str = "out"
     resume: bool = False  # continue out_dir/ckpt.pt where it stopped
@@ -96,6 +97,7 @@ class TrainConfig(GPTConfig):
         if self.resume and self.overwrite:
             raise UserError("--resume keeps the checkpoint in out_dir, --overwrite replaces it: give one of them")
         self.tracked_lengths()  # a bad --eval_lengths is found now, not at the first evaluation
+        self.training_positions()
 
     def tracked_lengths(self):
         """--eval_lengths as a sorted list of ints ([] when off)."""
@@ -103,6 +105,16 @@ class TrainConfig(GPTConfig):
             return parse_lengths(self.eval_lengths) if self.eval_lengths else []
         except ValueError as e:
             raise UserError(f"--eval_lengths: {e}") from None
+
+    def training_positions(self):
+        """--positions as None (contiguous) or (kind, reach)."""
+        try:
+            positions = parse_positions(self.positions)
+        except ValueError as e:
+            raise UserError(f"--positions: {e}") from None
+        if positions and positions[1] < self.block_size:
+            raise UserError(f"--positions={self.positions}: the reach must be at least --block_size={self.block_size}")
+        return positions
 
     def model_args(self):
         """The GPTConfig fields of this run."""
@@ -167,6 +179,7 @@ HELP = {  # one line per option, in the order of --help
     "passkey_trials": "with --passkey_mix: passkey trials at block_size at each evaluation",
     "passkey_stop": "with --passkey_mix: end the run two evaluations after passkey accuracy first reaches this "
                     "(0: never)",
+    "positions": "training positions: " + POSITIONS_HELP + "; evaluation and sampling use contiguous ones",
     "log_interval": "steps between progress lines",
     "out_dir": "folder of ckpt.pt and log.jsonl",
     "resume": "continue out_dir/ckpt.pt where it stopped",

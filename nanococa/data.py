@@ -350,3 +350,23 @@ class Split:
         if device.startswith("cuda"):
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
+
+
+def training_positions(positions, batch_size, block_size, generator, device="cpu"):
+    """Position ids (B, T) for one training batch (--positions), drawn from generator; None for contiguous.
+    ("pose", R): PoSE (Zhu et al., ICLR 2024) with two chunks: the first, of a random length in [1, T/2],
+        at 0, 1, ...; the second continues the text but its positions jump by a random skip in [0, R - T],
+        so a row holds distances up to R - 1 while its text and every distance within a chunk stay as read.
+    ("random", R): a sorted random sample of T distinct positions from 0 .. R-1 (Ruoss et al., 2023)."""
+    if positions is None:
+        return None
+    kind, reach = positions
+    B, T = batch_size, block_size
+    if kind == "pose":
+        first = torch.randint(1, (T + 1) // 2 + 1, (B, 1), generator=generator)
+        skip = torch.randint(0, reach - T + 1, (B, 1), generator=generator)
+        i = torch.arange(T)
+        pos = i + skip * (i >= first)
+    else:
+        pos = torch.rand(B, reach, generator=generator).argsort(-1)[:, :T].sort(-1).values
+    return pos.to(device)

@@ -131,6 +131,14 @@ def rotary_cos_sin(start, length, head_dim, base=10000.0, scaling=None, train_le
     return tuple((mscale * f(angles)).to(device=device, dtype=dtype) for f in (torch.cos, torch.sin))
 
 
+def rotary_at(positions, head_dim, base=10000.0, scaling=None, train_len=512, dtype=torch.float32):
+    """cos and sin at any positions (B, T) (training with position skips): each (B, 1, T, D/2), the rows of
+    rotary_cos_sin's table for 0 .. max(positions), so both give the same numbers at the same position."""
+    n = int(positions.max()) + 1
+    return tuple(r[positions][:, None] for r in rotary_cos_sin(0, n, head_dim, base, scaling, train_len,
+                                                              positions.device, dtype))
+
+
 def rotate(x, cos, sin):
     """f(x, n) = x * cos(n theta) + rotate_half(x) * sin(n theta); x (..., T, D), cos/sin (T, D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -215,7 +223,7 @@ def coca_scores_naive(q, t, rot, signed=False):
     """Eqs. 8-9: a(m, n) = <f(q_m, m), f(k_{m,n}, n)> / sqrt(D), from the literal keys: (B, H, T, T)."""
     B, H, T, D = q.shape
     check_budget(B * H * T * T * D, "strict CoCA")
-    k = rotate(coca_keys_literal(q, t, signed), *rot)  # key n's rotation (T, D/2) broadcasts over the queries
+    k = rotate(coca_keys_literal(q, t, signed), *(r.unsqueeze(-3) for r in rot))  # key n's turn, every query
     return (rotate(q, *rot)[:, :, :, None, :] * k).sum(-1) / math.sqrt(D)
 
 
@@ -271,30 +279,31 @@ def rope_sdpa_qk(q, k, rot):
 
 
 # --- ALiBi ---
-def alibi_scores_naive(q, k, slopes):
-    """ALiBi: a(m, n) = <q_m, k_n> / sqrt(D) - slope_h * (m - n), the bias matrix explicit: (B, H, T, T)."""
+def alibi_scores_naive(q, k, slopes, pos=None):
+    """ALiBi: a(m, n) = <q_m, k_n> / sqrt(D) - slope_h * (p_m - p_n), the bias matrix explicit: (B, H, T, T).
+    pos: the positions p, (B, T) (default 0 .. T-1)."""
     B, H, T, D = q.shape
     check_budget(B * H * T * T, "ALiBi")
-    m = torch.arange(T, device=q.device)
-    distance = (m[:, None] - m[None, :]).to(q.dtype)  # (T, T)
+    p = torch.arange(T, device=q.device) if pos is None else pos
+    distance = (p[..., :, None] - p[..., None, :]).to(q.dtype)[..., None, :, :]  # (1 or B, 1, T, T)
     return q @ k.transpose(-2, -1) / math.sqrt(D) - slopes.to(q.dtype)[:, None, None] * distance
 
 
-def alibi_sdpa(q, k, v, slopes, row_scale=None, dropout_p=0.0, chunk=512):
+def alibi_sdpa(q, k, v, slopes, row_scale=None, dropout_p=0.0, pos=None, chunk=512):
     """ALiBi as plain SDPA, queries at the last Tq of Tk positions. Softmax ignores a constant per row,
-    so -slope_h (m - n) may become slope_h (n - m0) for any m0 fixed per chunk of queries: one extra
-    coordinate, bias_q = slope_h sqrt(D) on the query and bias_k = n - m0 on the key. With m0 the
-    chunk's first position the added logits stay small where the weights are large (float32 at least)."""
+    so -slope_h (p_m - p_n) may become slope_h (p_n - p_m0) for any m0 fixed per chunk of queries: one
+    extra coordinate, bias_q = slope_h sqrt(D) on the query and bias_k = p_n - p_m0 on the key. With m0
+    the chunk's first query the added logits stay small where the weights are large (float32 at least)."""
     B, H, Tq, D = q.shape
     Tk = k.size(-2)
     work = torch.promote_types(q.dtype, torch.float32)  # positions are exact integers in float32
     bias_q = (slopes.to(work) * math.sqrt(D)).view(1, H, 1, 1)
-    n = torch.arange(Tk, device=q.device, dtype=work).view(1, 1, Tk, 1)
+    p = (torch.arange(Tk, device=q.device) if pos is None else pos).to(work).view(-1, 1, Tk, 1)
     out = []
     for s in range(0, Tq, chunk):
         e, m0 = min(s + chunk, Tq), Tk - Tq + s
         end = m0 + e - s  # keys past the chunk's last query are masked anyway
-        bias_k = n[:, :, :end] - m0
+        bias_k = p[:, :, :end] - p[:, :, m0:m0 + 1]
         qc = torch.cat((q[:, :, s:e].to(work), bias_q.expand(B, H, e - s, 1)), -1)
         kc = torch.cat((k[:, :, :end].to(work), bias_k.expand(B, H, end, 1)), -1)
         vc = F.pad(v[:, :, :end].to(work), (0, 1))  # q, k, v of one width keep SDPA on its fast kernels
@@ -304,13 +313,13 @@ def alibi_sdpa(q, k, v, slopes, row_scale=None, dropout_p=0.0, chunk=512):
     return torch.cat(out, dim=2)
 
 
-def alibi_attend(q, k, v, slopes, row_scale=None, dropout_p=0.0):
+def alibi_attend(q, k, v, slopes, row_scale=None, dropout_p=0.0, pos=None):
     """ALiBi's fast path: FlexAttention (section 4) for whole sequences on CUDA, else the SDPA form."""
     D = q.size(-1)
     flex_fits = q.size(-2) == k.size(-2) and dropout_p == 0 and D >= 16 and D & (D - 1) == 0
     if flex_attention is not None and q.is_cuda and flex_fits:
-        return alibi_flex(q, k, v, slopes, row_scale)
-    return alibi_sdpa(q, k, v, slopes, row_scale, dropout_p)
+        return alibi_flex(q, k, v, slopes, row_scale, pos)
+    return alibi_sdpa(q, k, v, slopes, row_scale, dropout_p, pos)
 
 
 NAIVE_SCORES = {"coca": coca_scores_naive, "coca-slack": slack_scores_naive, "rope": rope_scores_naive,
@@ -323,22 +332,26 @@ SDPA_QK = {"coca": coca_sdpa_qk, "coca-slack": slack_sdpa_qk, "rope": rope_sdpa_
            "coca-slack-signed": functools.partial(slack_sdpa_qk, signed=True)}
 
 
-def attention(variant, impl, q, t, v, *, rot=None, slopes=None, row_scale=None, dropout_p=0.0, cache=None,
-              layer=0):
-    """One attention variant on (B, H, T, D) inputs; naive and fast give the same output. With a cache
-    (fast only) this step's keys are stored in SDPA form and the queries attend to every key so far."""
+def attention(variant, impl, q, t, v, *, rot=None, slopes=None, pos=None, row_scale=None, dropout_p=0.0,
+              cache=None, layer=0):
+    """One attention variant on (B, H, T, D) inputs; naive and fast give the same output. Positions reach the
+    rotary variants through rot, ALiBi through pos ((B, T); None: 0 .. T-1). With a cache (fast only) this
+    step's keys are stored in SDPA form and the queries attend to every key so far."""
     if row_scale is not None:
         row_scale = row_scale.to(q.dtype)
     if impl == "naive":
         if cache is not None:
             raise ValueError("the KV cache stores keys in SDPA form: use attn_impl='fast'")
-        scores = alibi_scores_naive(q, t, slopes) if variant == "alibi" else NAIVE_SCORES[variant](q, t, rot)
+        if variant == "alibi":
+            scores = alibi_scores_naive(q, t, slopes, pos)
+        else:
+            scores = NAIVE_SCORES[variant](q, t, rot)
         return naive_attend(scores if row_scale is None else scores * row_scale, v, dropout_p)
     qs, ks = (q, t) if variant == "alibi" else SDPA_QK[variant](q, t, rot)
     if cache is not None:
         ks, v = cache.update(layer, ks, v)
     if variant == "alibi":
-        return alibi_attend(qs, ks, v, slopes, row_scale, dropout_p)
+        return alibi_attend(qs, ks, v, slopes, row_scale, dropout_p, pos)
     return sdpa(qs if row_scale is None else qs * row_scale, ks, v, dropout_p)
 
 # -----------------------------------------------------------------------------------------------
@@ -356,13 +369,14 @@ def compiled_flex():
     return torch.compile(flex_attention)
 
 
-def alibi_flex(q, k, v, slopes, row_scale=None, kernel=None):
+def alibi_flex(q, k, v, slopes, row_scale=None, pos=None, kernel=None):
     """ALiBi through FlexAttention, Tq == Tk, with its penalty (and row scale) in score_mod."""
     H, T = q.size(1), q.size(2)
     rs = None if row_scale is None else row_scale.expand(1, H, T, 1).reshape(H, T).contiguous()
+    p = None if pos is None else pos.expand(q.size(0), T).contiguous()
 
     def score_mod(score, b, h, m, n):
-        score = score - slopes[h] * (m - n)
+        score = score - slopes[h] * (m - n if p is None else p[b, m] - p[b, n])
         return score if rs is None else score * rs[h, m]
     mask = causal_block_mask(T, q.device)
     return (kernel or compiled_flex())(q, k, v, score_mod=score_mod, block_mask=mask)
@@ -433,15 +447,16 @@ class CausalSelfAttention(nn.Module):
         self.ssmax = nn.Parameter(torch.full((config.n_head,), 1 / math.log(config.block_size))) \
             if config.attn_scale == "ssmax" else None
 
-    def forward(self, x, rot, log_m, row_scale=None, cache=None):
+    def forward(self, x, rot, log_m, row_scale=None, cache=None, pos=None):
         B, T, C = x.size()
         q, t, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for z in self.c_attn(x).split(C, dim=2))  # (B, H, T, D) each
         if self.ssmax is not None:  # each row of logits times s_h * log(m + 1): (H, T, 1)
             s = self.ssmax[:, None, None] * log_m.to(self.ssmax.dtype)
             row_scale = s if row_scale is None else s * row_scale
-        y = attention(self.variant, self.impl, q, t, v, rot=rot, slopes=self.slopes, row_scale=row_scale,
-                      dropout_p=self.dropout if self.training else 0.0, cache=cache, layer=self.layer)
+        y = attention(self.variant, self.impl, q, t, v, rot=rot, slopes=self.slopes, pos=pos,
+                      row_scale=row_scale, dropout_p=self.dropout if self.training else 0.0, cache=cache,
+                      layer=self.layer)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -467,8 +482,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rot, log_m, row_scale=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rot, log_m, row_scale, cache)
+    def forward(self, x, rot, log_m, row_scale=None, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), rot, log_m, row_scale, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -501,22 +516,29 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx, cache=None, pos_offset=0, scaling=None):
+    def hidden(self, idx, cache=None, pos_offset=0, scaling=None, positions=None):
         """Final-layer-norm hidden states (B, T, C). With a cache, idx continues the cached sequence
-        (position and scaling come from the cache); else positions start at pos_offset."""
+        (position and scaling come from the cache); else positions start at pos_offset, or are given:
+        positions (B, T), increasing along each row (training with position skips, --positions)."""
         B, T = idx.size()
         cfg = self.config
         x = self.transformer.drop(self.transformer.wte(idx))
         if cache is not None:
+            if positions is not None:
+                raise ValueError("a KV cache keeps contiguous positions: give positions without a cache")
             (start, rot), scaling = cache.next_positions(T), cache.scaling
         else:
-            start, scaling = pos_offset, checked_scaling(scaling)
-            rot = None if cfg.attention == "alibi" else rotary_cos_sin(
-                start, T, cfg.n_embd // cfg.n_head, cfg.rope_base, scaling, cfg.block_size, x.device, x.dtype)
-        log_m = log_key_count(start, T, idx.device)  # (T, 1), for logn and ssmax
+            start, scaling, D = pos_offset, checked_scaling(scaling), cfg.n_embd // cfg.n_head
+            if cfg.attention == "alibi":
+                rot = None
+            elif positions is None:
+                rot = rotary_cos_sin(start, T, D, cfg.rope_base, scaling, cfg.block_size, x.device, x.dtype)
+            else:
+                rot = rotary_at(positions, D, cfg.rope_base, scaling, cfg.block_size, x.dtype)
+        log_m = log_key_count(start, T, idx.device)  # (T, 1), for logn and ssmax: the number of keys, m + 1
         row_scale = logn_scale(log_m, cfg.block_size) if scaling.logn else None
         for block in self.transformer.h:
-            x = block(x, rot, log_m, row_scale, cache)
+            x = block(x, rot, log_m, row_scale, cache, positions)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, passkey
 from .common import file_lock, fmt_time, method_name, peak_flops, resolve_device, resolve_dtype
-from .data import Split, prepare
+from .data import Split, prepare, training_positions
 from .errors import UserError
 from .evaluate import pick_windows, same_targets_perplexity
 from .model import GPT, GPTConfig
@@ -230,10 +230,14 @@ def tokens_per_step(cfg):
 
 
 def next_batch(run):
-    """The next micro-batch: random windows of the training split, some rows replaced by passkey texts."""
+    """The next micro-batch: random windows of the training split, some rows replaced by passkey texts, and
+    their positions (None: contiguous)."""
     cfg = run.cfg
     x, y = run.splits["train"].batch(cfg.batch_size, cfg.block_size, run.batch_gen, run.procs.device)
-    return passkey.mix_into(x, y, run.tok, cfg.passkey_mix, run.batch_gen)
+    x, y = passkey.mix_into(x, y, run.tok, cfg.passkey_mix, run.batch_gen)
+    positions = training_positions(cfg.training_positions(), cfg.batch_size, cfg.block_size, run.batch_gen,
+                                   run.procs.device)
+    return x, y, positions
 
 
 def lr_at(it, cfg):
@@ -394,11 +398,11 @@ def train_loop(run):
         # forward and backward over the micro-batches; gradients add up (DDP syncs on the last one only)
         loss = torch.zeros((), device=procs.device)
         for micro in range(accum):
-            x, y = next_batch(run)
+            x, y, positions = next_batch(run)
             sync = run.model.no_sync() if procs.ddp and micro < accum - 1 else nullcontext()
             with sync:
                 with procs.autocast():
-                    _, micro_loss = run.model(x, y)
+                    _, micro_loss = run.model(x, y, positions=positions)
                 run.scaler.scale(micro_loss / accum).backward()
             loss += micro_loss.detach() / accum
         # note the first non-finite loss, on the device (it is read when a line is printed)

@@ -9,7 +9,7 @@ from helpers import TOL, attn_inputs, randn
 from nanococa.common import parse_scaling
 from nanococa.model import (ATTENTIONS, NAIVE_SCORES, Scaling, alibi_flex, alibi_scores_naive, alibi_sdpa,
                             alibi_slopes, attention, coca_keys_literal, coca_scores_naive, flex_attention, half_mean,
-                            log_key_count, logn_scale, rope_scores_naive, rotary_cos_sin, rotate,
+                            log_key_count, logn_scale, rope_scores_naive, rotary_at, rotary_cos_sin, rotate,
                             slack_scores_naive, tau_of)
 
 
@@ -47,6 +47,34 @@ def test_naive_equals_fast_forward_and_gradients(variant, dtype, s, scale):
     torch.testing.assert_close(outs[0], outs[1], **TOL[dtype])
     for name, a, b in zip("qtv", *grads):
         torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"grad wrt {name}: {m}")
+
+
+def increasing_positions(B, T, seed, spread, start=0):
+    """(B, T) positions, strictly increasing along each row by random steps of 1 .. spread."""
+    steps = torch.randint(1, spread + 1, (B, T), generator=torch.Generator().manual_seed(seed))
+    return start + steps.cumsum(-1) - steps[:, :1]
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
+@given(s=attn_inputs(max_len=120), spread=st.integers(1, 300), scale=st.sampled_from(["none", "row", "head-row"]))
+def test_naive_equals_fast_at_any_increasing_positions(variant, s, spread, scale):
+    """Training with position skips (--positions): every method takes positions (B, T), rotary ones through the
+    rows of their tables at those positions, ALiBi through the differences; both paths agree."""
+    shape = (s["B"], s["H"], s["T"], s["D"])
+    pos = increasing_positions(s["B"], s["T"], s["seed"], spread, start=s["offset"] % 5000)
+    rot, slopes = rotary_at(pos, s["D"], dtype=torch.float64), alibi_slopes(s["H"]).double()
+    row_scale = row_scale_for(s, scale, torch.float64)
+    outs, grads = [], []
+    w = randn(shape, s["seed"] + 1, torch.float64, n=1)[0]
+    for impl in ("naive", "fast"):
+        q, t, v = (x.requires_grad_() for x in randn(shape, s["seed"], torch.float64))
+        y = attention(variant, impl, q, t, v, rot=rot, slopes=slopes, pos=pos, row_scale=row_scale)
+        (y * w).sum().backward()
+        outs.append(y.detach())
+        grads.append([q.grad, t.grad, v.grad])
+    torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float64])
+    for name, a, b in zip("qtv", *grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"grad wrt {name}: {m}")
 
 
 @given(s=attn_inputs(max_len=200), chunk=st.integers(1, 64), extra=st.integers(0, 40),

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from helpers import run_script, tiny_gpt
 from nanococa.common import parse_scaling
-from nanococa.model import ATTENTIONS, GPTConfig, Scaling, attention, rotary_cos_sin
+from nanococa.model import ATTENTIONS, GPTConfig, KVCache, Scaling, attention, rotary_cos_sin
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -131,6 +131,69 @@ def test_gpt_output_is_invariant_to_shifting_every_position(variant, T, shift, s
     model = tiny_gpt(variant, dtype=torch.float64)
     idx = torch.randint(0, 61, (2, T), generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(model(idx)[0], model(idx, pos_offset=shift)[0], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("attn_scale", ["none", "ssmax"])
+@pytest.mark.parametrize("variant", ATTENTIONS)
+def test_contiguous_positions_give_the_default_path_bit_for_bit(variant, attn_scale):
+    """positions = 0 .. T-1 on every row reads the same table rows (rotary) or differences (ALiBi) as no positions."""
+    model = tiny_gpt(variant, attn_scale=attn_scale)
+    idx = torch.randint(0, 61, (3, 40), generator=torch.Generator().manual_seed(1))
+    results = []
+    for positions in (None, torch.arange(40).expand(3, 40)):
+        model.zero_grad()
+        _, loss = model(idx, idx, positions=positions)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.parametrize("variant", [v for v in ATTENTIONS if "slack" not in v])
+@given(T=st.integers(2, 40), seed=st.integers(0, 1000), shifts=st.lists(st.integers(0, 20_000), min_size=2,
+                                                                          max_size=2))
+def test_outputs_depend_on_positions_only_through_their_differences(variant, T, seed, shifts):
+    """Shift invariance at any positions: every row's positions moved by its own constant change nothing, for
+    each method whose score reads m - n only (Slack reads m itself: test_attention.py)."""
+    model = tiny_gpt(variant, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 61, (2, T), generator=g)
+    pos = torch.randint(1, 300, (2, T), generator=g).cumsum(-1)
+    moved = pos + torch.tensor(shifts)[:, None]
+    torch.testing.assert_close(model(idx, positions=pos)[0], model(idx, positions=moved)[0], rtol=1e-8, atol=1e-8)
+
+
+def sharp_gpt(variant):
+    """tiny_gpt with logits of order 1, so what the scores do with positions shows in the outputs."""
+    model = tiny_gpt(variant, dtype=torch.float64)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(30)
+    return model
+
+
+def test_slack_outputs_move_with_the_positions_themselves():
+    model = sharp_gpt("coca-slack")
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(0, 200, 10).expand(2, 20)
+    assert not torch.allclose(model(idx, positions=pos)[0], model(idx, positions=pos + 777)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
+def test_every_method_reads_the_positions_it_is_given(variant):
+    model = sharp_gpt(variant)
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
+    spread = torch.arange(20).expand(2, 20) * torch.tensor([[1], [25]])  # row 0 contiguous, row 1 spread out
+    got, plain = model(idx, positions=spread)[0], model(idx)[0]
+    torch.testing.assert_close(got[0], plain[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got[1, 1:], plain[1, 1:], atol=1e-4)  # position 0 alone sees only itself
+
+
+def test_a_cache_refuses_positions():
+    model = tiny_gpt()
+    cache = KVCache(model.config, 1, 8)
+    with pytest.raises(ValueError, match="contiguous positions"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache, positions=torch.arange(4)[None])
 
 
 def test_ssmax_starts_at_one_over_log_block_size_and_learns():

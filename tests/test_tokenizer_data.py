@@ -136,3 +136,29 @@ def test_pycode_splits_by_package():
     assert {n for n, _ in docs["val"]} == set(data.VAL_PACKAGES)
     assert not train_names & set(data.VAL_PACKAGES) and "collections" in train_names
     assert "# file: json/decoder.py" in dict(docs["val"])["json"]
+
+
+@given(B=st.integers(1, 6), T=st.integers(2, 300), reach_extra=st.integers(0, 20_000), seed=st.integers(0, 10_000),
+       kind=st.sampled_from(["pose", "random"]))
+def test_training_positions_increase_and_stay_within_reach(B, T, reach_extra, seed, kind):
+    import torch
+    reach = T + reach_extra
+    pos = data.training_positions((kind, reach), B, T, torch.Generator().manual_seed(seed))
+    again = data.training_positions((kind, reach), B, T, torch.Generator().manual_seed(seed))
+    assert pos.shape == (B, T) and torch.equal(pos, again)
+    assert (pos[:, 1:] > pos[:, :-1]).all() and pos.min() >= 0 and pos.max() < reach
+    if kind == "pose":  # two runs of consecutive positions: the first from 0, at most half the window long
+        jumps = pos.diff(dim=-1) - 1
+        assert ((jumps > 0).sum(-1) <= 1).all() and (pos[:, 0] == 0).all()
+        first = torch.where(jumps > 0, torch.arange(1, T), T).min(-1).values  # where the second chunk starts
+        assert (first <= (T + 1) // 2).all() or (jumps == 0).all()
+
+
+def test_pose_distances_cover_the_reach_and_contiguous_draws_nothing():
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    pos = data.training_positions(("pose", 16384), 4000, 512, gen)
+    longest = pos[:, -1] - pos[:, 0]
+    assert longest.max() > 16000 and longest.min() < 1024  # skips spread over [0, reach - T]
+    state = gen.get_state()
+    assert data.training_positions(None, 8, 512, gen) is None and torch.equal(gen.get_state(), state)
