@@ -13,13 +13,16 @@ import math
 import resource
 import sys
 
-import torch
+from nanococa.errors import ArgumentParser, UserError, interruptible, run_script
 
-from nanococa.checkpoint import load_model
-from nanococa.common import DTYPES, SCALING_HELP, method_name, parse_scaling, resolve_device, resolve_dtype
-from nanococa.data import Split, prepare
-from nanococa.errors import ArgumentParser, UserError, run_script
-from nanococa.sampling import Streamer, check_cache_fits, read_prompt_file, timed_generation
+with interruptible():  # Ctrl-C while torch imports is one line too
+    import torch
+
+    from nanococa.checkpoint import load_model
+    from nanococa.common import (DTYPES, SCALING_HELP, corpus_of, memory_errors, method_name, parse_scaling,
+                                 resolve_device, resolve_dtype)
+    from nanococa.data import Split, prepare
+    from nanococa.sampling import Streamer, check_cache_fits, read_prompt_file, timed_generation
 
 MIN_TEMPERATURE = 1e-4  # below it (but above 0, greedy) logits / temperature overflow float32
 
@@ -42,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--max_context", type=int, default=32768, help="largest prompt + new tokens allowed")
     p.add_argument("--scaling", "--rope_scaling", default="none", help=f"context extension: {SCALING_HELP}")
     p.add_argument("--prefill_chunk", type=int, default=1024)
+    p.add_argument("--corpus", default=None, help="--prompt_val_tokens reads this corpus (none: the checkpoint's, "
+                   "when it is a named one)")
     p.add_argument("--data_dir", default="data_cache", help="where --prompt_val_tokens finds the tokenized corpus")
     return p.parse_args(argv)
 
@@ -75,7 +80,7 @@ def prompt_ids(args, tok, ckpt):
         if replaced:
             print(f"# note: {replaced:,} bytes of {args.prompt_file} are not UTF-8 and became U+FFFD", file=sys.stderr)
     if args.prompt_val_tokens is not None:
-        corpus = ckpt.get("train_config", {}).get("corpus", "shakespeare")
+        corpus = corpus_of(ckpt, args.corpus, args.ckpt)
         val = Split(prepare(corpus, tok, args.data_dir, log=lambda *a: None), "val")
         doc = max(range(len(val.names)), key=lambda i: val.doc_tokens[i])
         ids = val.document(doc)[:args.prompt_val_tokens].tolist()
@@ -92,6 +97,9 @@ def main(argv):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tok, ckpt = load_model(args.ckpt, device, getattr(torch, dtype))
+    if not hasattr(model, "generate_stream"):
+        raise UserError(f"{args.ckpt} is a drop-in (a converted Hugging Face model): generate from it with "
+                        "transformers (nanococa.hf.from_checkpoint gives the model); sample.py samples GPTs")
     ids = prompt_ids(args, tok, ckpt)
     total = len(ids) + args.max_new_tokens
     if total > args.max_context:
@@ -115,9 +123,10 @@ def main(argv):
         if len(ids) <= 2000 and ids != [tok.eot]:
             print(tok.decode(ids), end="", flush=True)
         streamer = Streamer(tok)
-        timing = timed_generation(model, idx, args.max_new_tokens, on_token=streamer.add,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, scaling=scaling,
-                                  prefill_chunk=args.prefill_chunk, generator=gen)
+        with memory_errors("generation (ask for fewer tokens: --max_new_tokens, --max_context)"):
+            timing = timed_generation(model, idx, args.max_new_tokens, on_token=streamer.add,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      scaling=scaling, prefill_chunk=args.prefill_chunk, generator=gen)
         streamer.close()
         if device.startswith("cuda"):
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on the GPU"

@@ -17,7 +17,7 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent runs are then the user's care
     fcntl = None
 
-from .errors import UserError
+from .errors import Terminated, UserError
 from .model import Scaling
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -137,34 +137,98 @@ def parse_positions(text):
     return kind, parse_lengths(reach)[0]
 
 
+def fmt_length(n):
+    """2048 -> "2K", 1000 -> "1000": a length as the options write it."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def fmt_time(s):
     m, s = divmod(int(round(s)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def open_new_or_own(path, mode="a"):
+    """Open a file this program writes (a log, a lock) for appending ("a") or afresh ("w"), refusing a symbolic
+    link there: following one would write into a file elsewhere. Returns a text file object."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.fdopen(os.open(path, flags, 0o644), mode)
+    except OSError as e:
+        if os.path.islink(path):
+            raise UserError(f"{path} is a symbolic link; nanococa writes only files it owns there: remove the "
+                            "link or choose another folder") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
-def file_lock(path, wait=True, busy_message=None, log=None):
+def file_lock(path, wait=True, busy_message=None, log=None, owner=None):
     """Hold an exclusive advisory lock on the file `path` (created if needed) for the block. The lock
-    dies with its process, so a killed run never leaves it held. wait=False: a lock already held by
-    another process is a UserError(busy_message) instead of a wait."""
+    dies with its process, so a killed run never leaves it held. owner (e.g. "train.py") is written into
+    the file, so a refusal can say who holds it. wait=False: a lock already held by another process is a
+    UserError(busy_message) instead of a wait."""
     if fcntl is None:
         yield
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
+    with open_new_or_own(path) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise UserError(busy_message or f"{path} is locked by another process") from None
+                holder = held_by(path)
+                raise UserError((busy_message or f"{path} is locked") + (f": {holder} is writing there" if holder
+                                else ": another process holds it") + "; wait for it or choose another folder") \
+                    from None
             if log:
                 log(f"waiting for another process that holds {path} ...")
             fcntl.flock(f, fcntl.LOCK_EX)
+        if owner:
+            f.truncate(0)
+            f.write(f"{owner} (pid {os.getpid()})")
+            f.flush()
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def held_by(path):
+    """Who wrote the lock file at path: "train.py (pid 123)", or "" when it does not say."""
+    try:
+        with open(path) as f:
+            return f.read(200).strip()
+    except OSError:
+        return ""
+
+
+NAMED_CORPORA = ("shakespeare", "pycode")
+
+
+def corpus_of(ckpt, given, path):
+    """The corpus to read for a checkpoint: the user's own --corpus, else the checkpoint's when it names a
+    bundled one. A text:PATH or hf:NAME corpus that only a checkpoint names (and a checkpoint may come from
+    anyone) is read only when the user names it too: it could point anywhere on this machine."""
+    if given:
+        return given
+    corpus = (ckpt.get("train_config") or {}).get("corpus", "shakespeare")
+    if corpus not in NAMED_CORPORA:
+        raise UserError(f"{path} was trained on the corpus {str(corpus)[:200]!r}; a corpus that is a path or a "
+                        f"dataset is read only when you name it: give --corpus={str(corpus)[:200]} (or another)")
+    return corpus
+
+
+@contextlib.contextmanager
+def memory_errors(what):
+    """Running out of memory inside the block (CPU or GPU) is one UserError naming what ran out."""
+    try:
+        yield
+    except MemoryError:
+        raise UserError(f"out of memory in {what}") from None
+    except RuntimeError as e:
+        if not any(w in str(e) for w in ("out of memory", "can't allocate memory", "not enough memory")):
+            raise
+        raise UserError(f"out of memory in {what}: {str(e).splitlines()[0][:120]}") from None
 
 
 def method_name(attention, attn_scale):
@@ -174,19 +238,21 @@ def method_name(attention, attn_scale):
 
 @contextlib.contextmanager
 def sigint_deferred():
-    """Ctrl-C inside the block is held back and raised as KeyboardInterrupt when the block ends, so a
-    write is never cut in half (which can abort inside torch's writer instead of exiting)."""
+    """Ctrl-C (and SIGTERM) inside the block is held back and raised when the block ends, so a write is never
+    cut in half (which can abort inside torch's writer instead of exiting)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(True))
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in caught and signal.SIGINT not in caught else KeyboardInterrupt
 
 
 TMP_SUFFIX = ".tmp."

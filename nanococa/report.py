@@ -1,14 +1,22 @@
-"""Tables, files and plots of eval_length.py: Markdown tables with intervals, results.json / results.csv
-(written atomically), the perplexity plot, the passkey heatmaps (length across, key depth down) and the
-training curves of --eval_lengths runs. Plotting needs the optional matplotlib; training never imports
-this module."""
+"""Reports: Markdown tables with intervals, results.json / results.csv (written atomically), the perplexity
+plot, the passkey heatmaps (length across, key depth down) and training curves; and a command for reports
+over results already written:
+
+    python -m nanococa.report merge eval-rope eval-coca --out_dir results/passkey-cpu   # one table of several
+    python -m nanococa.report curves out-pk-rope out-pk-coca --out_dir results/passkey-cpu   # against step
+
+merge joins evaluations of one plan (corpus, protocol, windows, lengths; eval_length.py run side by side),
+checking every file it reads; curves plots what runs logged at each evaluation (--eval_lengths,
+--passkey_mix). Plotting needs the optional matplotlib; training never imports this module."""
 import csv
 import io
 import json
+import math
 import os
+import sys
 
-from .common import atomic_write, method_name
-from .errors import UserError
+from .common import atomic_write, file_lock, method_name
+from .errors import ArgumentParser, UserError, run_script
 
 COLUMNS = ("checkpoint", "attention", "attn_scale", "corpus", "tokenizer", "scaling", "protocol", "length",
            "perplexity", "perplexity_lo", "perplexity_hi", "units", "targets", "unit_nll", "passkey_accuracy",
@@ -245,7 +253,7 @@ def read_length_curves(run_dir, log=print):
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise UserError(f"--curves: cannot read {path} ({e.strerror or e})") from None
+        raise UserError(f"curves: cannot read {path} ({e.strerror or e})") from None
     records, points, skipped = [], [], []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -261,10 +269,10 @@ def read_length_curves(run_dir, log=print):
         except (ValueError, TypeError, AttributeError, KeyError):
             skipped.append(i)
     if skipped:
-        log(f"--curves: {path}: skipped line(s) {', '.join(map(str, skipped[:10]))}"
+        log(f"curves: {path}: skipped line(s) {', '.join(map(str, skipped[:10]))}"
             f"{' ...' if len(skipped) > 10 else ''}: not a log record")
     if not points:
-        raise UserError(f"--curves: {path} has no tracked perplexities or passkey accuracies; train with "
+        raise UserError(f"curves: {path} has no tracked perplexities or passkey accuracies; train with "
                         "--eval_lengths=512,2K,8K or --passkey_mix")
     start = next((r for r in records if r.get("event") == "start" and isinstance(r.get("config"), dict)), {})
     config = start.get("config", {})
@@ -280,7 +288,7 @@ def plot_training_curves(run_dirs, path, log=print):
     corpora = {d: corpus for d, (_, _, corpus, _) in zip(run_dirs, runs)}
     if len(set(corpora.values())) > 1:
         listed = ", ".join(f"{d}: {c}" for d, c in corpora.items())
-        raise UserError(f"--curves: these runs trained on different corpora ({listed}); their perplexities do not "
+        raise UserError(f"curves: these runs trained on different corpora ({listed}); their perplexities do not "
                         "share a scale: plot them in separate calls")
     plt = pyplot(log)
     if plt is None:
@@ -312,3 +320,136 @@ def plot_training_curves(run_dirs, path, log=print):
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     return runs, save_figure(fig, plt, path)
+
+# -----------------------------------------------------------------------------------------------
+# Output folders, and the tables every command prints.
+
+
+def check_out_dir(out_dir):
+    """The results must have somewhere to go before any work starts."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out_dir={out_dir} cannot be written ({e.strerror or e})") from None
+
+
+def check_no_results(out_dir, names, overwrite):
+    there = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
+    if there and not overwrite:
+        raise UserError(f"--out_dir={out_dir} already holds {', '.join(there)}: choose another --out_dir, "
+                        "or replace them with --overwrite")
+
+
+def show_and_write(rows, meta, out_dir, passkey_trials, log):
+    """The tables on stdout (passkey's when it was measured), then every output file; returns rows."""
+    print(f"\nPerplexity ({meta['protocol']}; lower is better; 95% interval over "
+          f"{'windows' if meta['protocol'] == 'same-targets' else 'documents'} in parentheses)\n")
+    print(markdown_table(rows, "perplexity"))
+    if passkey_trials:
+        print(f"\nPasskey accuracy ({passkey_trials} trials per length, 95% Wilson interval)\n")
+        print(markdown_table(rows, "passkey_accuracy"))
+    written = write_outputs(rows, meta, out_dir, log=log)
+    print(f"\n# wrote {', '.join(written)}", file=sys.stderr)
+    return rows
+
+# -----------------------------------------------------------------------------------------------
+# python -m nanococa.report: merge and curves.
+
+
+def merge(folders, out_dir, log):
+    """results.json of several evaluations of one plan (corpus, protocol, windows, lengths) as one table."""
+    docs = [read_results(folder) for folder in folders]
+    same = ("protocol", "lengths", "target", "corpus", "tokenizer", "windows", "seed")
+    for folder, doc in zip(folders[1:], docs[1:]):
+        differ = [k for k in same if doc["meta"].get(k) != docs[0]["meta"].get(k)]
+        if differ:
+            raise UserError(f"merge: {folder} was evaluated with another {', '.join(differ)} than {folders[0]}")
+    with_passkey = [(folder, doc["meta"]) for folder, doc in zip(folders, docs) if doc["meta"].get("passkey_trials")]
+    for folder, m in with_passkey[1:]:  # one passkey plan too: a table heads every cell with one trial count
+        differ = [k for k in ("passkey_trials", "passkey_depth_buckets") if m.get(k) != with_passkey[0][1].get(k)]
+        if differ:
+            raise UserError(f"merge: {folder} measured passkey with another {', '.join(differ)} "
+                            f"than {with_passkey[0][0]}")
+    rows = [r for doc in docs for r in doc["results"]]
+    meta = {**docs[0]["meta"], "checkpoints": [c for doc in docs for c in doc["meta"].get("checkpoints", [])],
+            "merged_from": folders, "seconds": sum(doc["meta"].get("seconds") or 0 for doc in docs)}
+    if with_passkey:
+        lengths = {n for _, m in with_passkey for n in m.get("passkey_lengths") or m["lengths"]}
+        meta.update({k: with_passkey[0][1].get(k) for k in ("passkey_trials", "passkey_depth_buckets")},
+                    passkey_lengths=sorted(lengths))
+    return show_and_write(rows, meta, out_dir, meta.get("passkey_trials") if with_passkey else 0, log)
+
+
+def read_results(folder):
+    """folder/results.json, checked: a dict with meta (a dict) and results (rows whose lengths are positive
+    integers, perplexities positive finite numbers, accuracies in [0, 1]); else one UserError naming it."""
+    path = os.path.join(folder, "results.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"merge: cannot read {path} ({e})") from None
+    if not (isinstance(doc, dict) and isinstance(doc.get("meta"), dict) and isinstance(doc.get("results"), list)):
+        raise UserError(f"merge: {path} is not an evaluation's results (a dict with meta and results)")
+    for i, r in enumerate(doc["results"]):
+        problem = row_problem(r)
+        if problem:
+            raise UserError(f"merge: {path}, row {i + 1}: {problem}")
+    return doc
+
+
+def row_problem(r):
+    """What is wrong with one results row, or None."""
+    if not isinstance(r, dict) or not all(k in r for k in ("checkpoint", "scaling", "length", "attention")):
+        return "not a row (it needs checkpoint, attention, scaling and length)"
+    if not (isinstance(r["length"], int) and r["length"] > 0):
+        return f"length {r['length']!r} is not a positive integer"
+    for key, low, high in (("perplexity", 1.0, math.inf), ("perplexity_lo", 1.0, math.inf),
+                           ("perplexity_hi", 1.0, math.inf), ("passkey_accuracy", 0.0, 1.0)):
+        v = r.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and low <= v <= high):
+            return f"{key} is {v!r}, not a number in [{low}, {high}]"
+    return None
+
+
+def curves(run_dirs, out_dir, log):
+    """Perplexity and passkey accuracy against training step from these runs' log.jsonl, as curves.png."""
+    path = os.path.join(out_dir, "curves.png")
+    runs, plotted = plot_training_curves(run_dirs, path, log=log)
+    for label, _, _, points in runs:
+        step, ppl, pk = points[-1]
+        print(f"{label}: step {step}: " + ", ".join([f"ppl@{n:,} {p:.2f}" for n, p in sorted(ppl.items())]
+                                                    + ([f"passkey {pk:.2f}"] if pk is not None else [])))
+    if plotted:
+        print(f"# wrote {path}", file=sys.stderr)
+    return runs
+
+
+def main(argv):
+    p = ArgumentParser(prog="python -m nanococa.report", description="Reports over results already written.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="join eval_length.py results of one plan (run side by side) into one table")
+    m.add_argument("folders", nargs="+", metavar="EVAL_DIR")
+    c = sub.add_parser("curves", help="perplexity and passkey accuracy against training step, from runs' logs")
+    c.add_argument("folders", nargs="+", metavar="RUN_DIR")
+    for q in (m, c):
+        q.add_argument("--out_dir", default="report_out")
+        q.add_argument("--overwrite", action="store_true", help="replace a report already in --out_dir")
+    args = p.parse_args(argv)
+    check_out_dir(args.out_dir)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    with file_lock(os.path.join(args.out_dir, ".lock"), wait=False, owner="nanococa.report",
+                   busy_message=f"--out_dir={args.out_dir} is in use"):
+        if args.command == "merge":
+            check_no_results(args.out_dir, ["results.json", "results.csv"], args.overwrite)
+            return merge(args.folders, args.out_dir, log)
+        check_no_results(args.out_dir, ["curves.png"], args.overwrite)
+        return curves(args.folders, args.out_dir, log)
+
+
+if __name__ == "__main__":
+    run_script(main)

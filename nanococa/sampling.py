@@ -3,6 +3,8 @@ decode tokens/s), a streamer that prints text as tokens arrive, prompt files rea
 memory a key/value cache will need, estimated before it is allocated."""
 import dataclasses
 import os
+import resource
+import stat
 import time
 
 import torch
@@ -52,6 +54,10 @@ def read_prompt_file(path, max_bytes):
     such as /dev/zero, is refused). Returns (text, bytes that were not UTF-8); a file that is mostly not
     text (control characters or bytes that are not UTF-8) is refused."""
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # with no writer, reading one would wait forever
+            raise UserError(f"--prompt_file={path} is a pipe or socket, not a file: save the prompt to a file, or "
+                            "give it with --prompt")
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
     except OSError as e:
@@ -74,13 +80,23 @@ def cache_bytes(config, batch_size, max_len, dtype):
 
 
 def free_memory(device):
-    """Bytes that can still be allocated on device (CUDA: free on the GPU; CPU: available RAM), or None."""
+    """Bytes that can still be allocated on device (CUDA: free on the GPU; CPU: available RAM, and no more
+    than a limit on this process's address space, ulimit -v, leaves), or None where it cannot be known."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:  # the address space in use, in pages
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            used = 0
+        free = min(free, max(0, limit - used))
+    return free
 
 
 def check_cache_fits(config, batch_size, max_len, dtype, device):

