@@ -1,7 +1,7 @@
 """Perplexity and passkey retrieval against context length, several checkpoints side by side.
 
     python eval_length.py                                    # out/ckpt.pt, lengths 512 .. 32K
-    python eval_length.py --ckpt out-coca out-rope --scalings none,dynamic:4,yarn:dynamic,logn --passkey_trials 50
+    python eval_length.py --ckpt out-coca out-rope --scalings none,yarn:dynamic,logn --passkey_trials 50
     python eval_length.py --ckpt out-pk-rope --lengths 512 --profile   # and where each layer and head attends
 
 One row per (checkpoint, scaling), each cell with a 95% interval. Writes a Markdown table to stdout and
@@ -48,15 +48,18 @@ def parse_args(argv):
     p.add_argument("--windows", type=int, default=8, help="same-targets: number of windows")
     p.add_argument("--docs", type=int, default=2, help="sliding: number of documents")
     p.add_argument("--stride", type=int, default=512, help="sliding: stride")
-    p.add_argument("--scalings", default="none,dynamic:4", help=f"comma-separated entries, each {SCALING_HELP}")
-    p.add_argument("--passkey_trials", type=int, default=0, help="passkey trials per length (0: no passkey test)")
+    p.add_argument("--scalings", default="none,dynamic:4",
+                   help=f"comma-separated entries, each {SCALING_HELP}")
+    p.add_argument("--passkey_trials", type=int, default=0,
+                   help="passkey trials per length (0: no passkey test)")
     p.add_argument("--passkey_lengths", type=length_list, default=None,
                    help="measure passkey at these of --lengths only (none: at every length)")
     p.add_argument("--corpus", default=None,
-                   help="score every checkpoint on this corpus (none: the checkpoints' own, when it is a named one)")
+                   help="score every checkpoint on this corpus (none: the checkpoints' own, when it is "
+                        "a named one)")
     p.add_argument("--profile", action="store_true",
-                   help="also: where each layer attends (mean distance, entropy of the last --target queries) and "
-                        "each head's role at the training length (profile.json)")
+                   help="also: where each layer attends (mean distance, entropy of the last --target "
+                        "queries) and each head's role at the training length (profile.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--data_dir", default="data_cache")
@@ -86,7 +89,8 @@ def main(argv):
                     passkey_trials=args.passkey_trials, passkey_lengths=args.passkey_lengths,
                     passkey_depth_buckets=passkey.DEPTH_BUCKETS,
                     windows=[[split.names[d], e] for d, e in plan.windows or []],
-                    interval="95% bootstrap over " + ("windows" if args.protocol == "same-targets" else "documents"))
+                    interval="95% bootstrap over "
+                    + ("windows" if args.protocol == "same-targets" else "documents"))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         save = lambda rows: report.write_outputs(rows, meta, args.out_dir, plot=False)  # noqa: E731
         with memory_errors("the evaluation (try shorter --lengths, fewer --windows, or another --device)"):
@@ -109,8 +113,8 @@ def check_args(args):
     if args.target < 1 or args.windows < 1 or args.docs < 1 or args.stride < 1:
         raise UserError("--target, --windows, --docs and --stride must be at least 1")
     if not 0 <= args.passkey_trials <= MAX_PASSKEY_TRIALS:
-        raise UserError(f"--passkey_trials={args.passkey_trials} must be between 0 and {MAX_PASSKEY_TRIALS:,} "
-                        "(100 trials give an interval of about +-0.1)")
+        raise UserError(f"--passkey_trials={args.passkey_trials} must be between 0 and "
+                        f"{MAX_PASSKEY_TRIALS:,} (100 trials give an interval of about +-0.1)")
     if args.passkey_lengths and not set(args.passkey_lengths) <= set(args.lengths):
         raise UserError(f"--passkey_lengths={args.passkey_lengths} must be among --lengths={args.lengths}")
     if args.seed < 0:
@@ -124,7 +128,8 @@ def check_args(args):
 
 
 def load_models(args, device, dtype):
-    """[(path, model, tokenizer)] and the corpus to score them on; the same checkpoint given twice counts once."""
+    """[(path, model, tokenizer)] and the corpus to score them on; the same checkpoint given twice counts
+    once."""
     def file_of(p):
         return os.path.realpath(os.path.join(p, "ckpt.pt") if os.path.isdir(p) else p)
     paths = [p for i, p in enumerate(args.ckpt) if file_of(p) not in {file_of(q) for q in args.ckpt[:i]}]
@@ -137,8 +142,8 @@ def load_models(args, device, dtype):
     corpora = {path: corpus_of(ckpt, args.corpus, path) for path, _, _, ckpt in loaded}
     if len(set(corpora.values())) > 1:
         listed = ", ".join(f"{p}: {c}" for p, c in corpora.items())
-        raise UserError(f"these checkpoints were trained on different corpora ({listed}); give --corpus=NAME to "
-                        "score them all on one")
+        raise UserError(f"these checkpoints were trained on different corpora ({listed}); give --corpus=NAME "
+                        "to score them all on one")
     if args.profile and any(not hasattr(model, "transformer") for _, model, _, _ in loaded):
         raise UserError("--profile reads a GPT's layers; a drop-in (--init_from=hf:...) has none here")
     return [(path, model, tok) for path, model, tok, _ in loaded], next(iter(corpora.values()))
@@ -159,10 +164,10 @@ def plan_for(args, split, device):
         plan.docs = sorted(range(len(split.names)), key=lambda i: -split.doc_tokens[i])[:args.docs]
         short = [split.names[d] for d in plan.docs if split.doc_tokens[d] - 1 < max_len + 1]
         if short:
-            raise UserError(f"sliding: documents {short} are shorter than {max_len + 1:,} tokens; use shorter "
-                            "--lengths")
-        print(f"# validation documents {[split.names[d] for d in plan.docs]} truncated to {max_len:,} tokens, "
-              f"stride {args.stride}", file=sys.stderr)
+            raise UserError(f"sliding: documents {short} are shorter than {max_len + 1:,} tokens; use "
+                            "shorter --lengths")
+        print(f"# validation documents {[split.names[d] for d in plan.docs]} truncated to {max_len:,} "
+              f"tokens, stride {args.stride}", file=sys.stderr)
     return plan
 
 
@@ -180,9 +185,9 @@ def profile(models, scalings, split, plan, args, meta):
         print(f"| {r['checkpoint']} ({r['attention']}, {r['scaling']}) | {r['length']:,} | "
               + " | ".join(f"{x['mean_distance']:.0f}, {x['entropy']:.2f}" for x in r["layers"]) + " |")
     heads = {path: evaluate.head_roles(model, tok) for path, model, tok in models}
-    print("\nHeads at the training length: mean attention weight on the previous token, on the token after the "
-          "previous occurrence (induction), on the key's first digit (both mentions) from the query that writes "
-          "it; one number per head\n")
+    print("\nHeads at the training length: mean attention weight on the previous token, on the token after "
+          "the previous occurrence (induction), on the key's first digit (both mentions) from the query "
+          "that writes it; one number per head\n")
     print("| model | layer | previous token | induction | passkey digit |\n|---|---|---|---|---|")
     for path, model, _ in models:
         for i in range(model.config.n_layer):
@@ -190,8 +195,8 @@ def profile(models, scalings, split, plan, args, meta):
                 "-" if heads[path][k] is None else " ".join(f"{x:.2f}" for x in heads[path][k][i])
                 for k in ("previous", "induction", "passkey")) + " |")
     path = os.path.join(args.out_dir, "profile.json")
-    atomic_write(path, lambda f: f.write(json.dumps({"meta": meta, "profile": rows, "heads": heads}, indent=1)),
-                 mode="w", what="profile")
+    doc = json.dumps({"meta": meta, "profile": rows, "heads": heads}, indent=1)
+    atomic_write(path, lambda f: f.write(doc), mode="w", what="profile")
     print(f"# wrote {path}", file=sys.stderr)
     return rows
 

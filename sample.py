@@ -33,7 +33,8 @@ def parse_args(argv):
     p.add_argument("--prompt", default=None, help="prompt text (none: start a new document)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file (a play, a book...)")
     p.add_argument("--prompt_val_tokens", type=int, default=None, metavar="N",
-                   help="prompt with the first N tokens of the longest validation document of the checkpoint's corpus")
+                   help="prompt with the first N tokens of the longest validation document of the "
+                        "checkpoint's corpus")
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=200)
@@ -45,9 +46,11 @@ def parse_args(argv):
     p.add_argument("--max_context", type=int, default=32768, help="largest prompt + new tokens allowed")
     p.add_argument("--scaling", "--rope_scaling", default="none", help=f"context extension: {SCALING_HELP}")
     p.add_argument("--prefill_chunk", type=int, default=1024)
-    p.add_argument("--corpus", default=None, help="--prompt_val_tokens reads this corpus (none: the checkpoint's, "
-                   "when it is a named one)")
-    p.add_argument("--data_dir", default="data_cache", help="where --prompt_val_tokens finds the tokenized corpus")
+    p.add_argument("--corpus", default=None,
+                   help="--prompt_val_tokens reads this corpus (none: the checkpoint's, when it is a named "
+                        "one)")
+    p.add_argument("--data_dir", default="data_cache",
+                   help="where --prompt_val_tokens finds the tokenized corpus")
     return p.parse_args(argv)
 
 
@@ -78,13 +81,15 @@ def prompt_ids(args, tok, ckpt):
     if args.prompt_file is not None:
         args.prompt, replaced = read_prompt_file(args.prompt_file, 8 * args.max_context)
         if replaced:
-            print(f"# note: {replaced:,} bytes of {args.prompt_file} are not UTF-8 and became U+FFFD", file=sys.stderr)
+            print(f"# note: {replaced:,} bytes of {args.prompt_file} are not UTF-8 and became U+FFFD",
+                  file=sys.stderr)
     if args.prompt_val_tokens is not None:
         corpus = corpus_of(ckpt, args.corpus, args.ckpt)
         val = Split(prepare(corpus, tok, args.data_dir, log=lambda *a: None), "val")
         doc = max(range(len(val.names)), key=lambda i: val.doc_tokens[i])
         ids = val.document(doc)[:args.prompt_val_tokens].tolist()
-        print(f"# prompt: the first {len(ids):,} tokens of {val.names[doc]} ({corpus} validation)", file=sys.stderr)
+        print(f"# prompt: the first {len(ids):,} tokens of {val.names[doc]} ({corpus} validation)",
+              file=sys.stderr)
         return ids
     if args.prompt is not None and not args.prompt:
         raise UserError("the prompt is empty; leave --prompt out to start a new document")
@@ -103,13 +108,13 @@ def main(argv):
     ids = prompt_ids(args, tok, ckpt)
     total = len(ids) + args.max_new_tokens
     if total > args.max_context:
-        raise UserError(f"prompt ({len(ids):,} tokens) + --max_new_tokens ({args.max_new_tokens:,}) = {total:,} "
-                        f"exceeds --max_context={args.max_context:,}")
+        raise UserError(f"prompt ({len(ids):,} tokens) + --max_new_tokens ({args.max_new_tokens:,}) = "
+                        f"{total:,} exceeds --max_context={args.max_context:,}")
     cfg = model.config
     check_cache_fits(cfg, 1, total, getattr(torch, dtype), device)
-    print(f"# {args.ckpt}: {method_name(cfg.attention, cfg.attn_scale)}, "
-          f"{model.num_params() / 1e6:.2f}M parameters, trained at {cfg.block_size} (iter {ckpt.get('iter', '?')}); "
-          f"prompt {len(ids):,} tokens, scaling {args.scaling}; {device} {dtype}", file=sys.stderr)
+    print(f"# {args.ckpt}: {method_name(cfg.attention, cfg.attn_scale)}, {model.num_params() / 1e6:.2f}M "
+          f"parameters, trained at {cfg.block_size} (iter {ckpt.get('iter', '?')}); prompt {len(ids):,} "
+          f"tokens, scaling {args.scaling}; {device} {dtype}", file=sys.stderr)
     if cfg.attention == "alibi" and scaling.rope:
         print(f"# note: ALiBi has no rotary, so the rope scaling in {args.scaling} does nothing"
               + (" (logn still applies)" if scaling.logn else ""), file=sys.stderr)
@@ -132,8 +137,9 @@ def main(argv):
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on the GPU"
         else:
             peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"
-        print(f"# prefill {len(ids):,} tokens in {timing.prefill_s:.2f} s ({len(ids) / timing.prefill_s:,.0f} tok/s); "
-              f"decode {timing.decode_tokens_per_s:.1f} tok/s; peak memory {peak}", file=sys.stderr)
+        print(f"# prefill {len(ids):,} tokens in {timing.prefill_s:.2f} s "
+              f"({len(ids) / timing.prefill_s:,.0f} tok/s); decode {timing.decode_tokens_per_s:.1f} tok/s; "
+              f"peak memory {peak}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ shakespeare-cpu preset (2m32s-2m55s measured on 2 CPU cores). The loop: train_lo
     python train.py --preset=pycode-cpu --attention=rope --out_dir=out-pycode-cpu-rope
     python train.py --resume                          # continue out/ckpt.pt where it stopped
     python train.py --init_from=out-rope --attention=coca --out_dir=out-dropin   # CoCA from RoPE weights
-    python train.py --init_from=hf:smollm2 --attention=coca --corpus=pycode --out_dir=out-hf-coca  # the drop-in
+    python train.py --init_from=hf:smollm2 --attention=coca --corpus=pycode --out_dir=out-hf-coca  # drop-in
     torchrun --nproc_per_node=2 train.py --preset=pycode-gpu
 
 Options: every field of nanococa.config.TrainConfig as --key=value (python train.py --help).

@@ -33,7 +33,8 @@ from .sampling import timed_generation
 
 
 def official_slack(q, t, v, rot, slopes):
-    """The anchor: the official code's Slack attention, einsum('bpnd,bpsd,bpnd->bpns') over an N x N matrix."""
+    """The anchor: the official code's Slack attention, einsum('bpnd,bpsd,bpnd->bpns') over an N x N
+    matrix."""
     tau = tau_of(t)
     scores = torch.einsum("bpnd,bpsd,bpnd->bpns", q, rotate(torch.cat((tau, tau), -1), *rot), rotate(q, *rot))
     return naive_attend(scores / math.sqrt(q.size(-1)), v)
@@ -101,7 +102,8 @@ def bench_attention(args, device, dtype, log):
         grad = torch.randn(shape, generator=g, device=device, dtype=dtype)
         for name, fn in PATHS.items():
             if args.skip_slow_over and N > args.skip_slow_over and not name.endswith("-fast"):
-                rows.append(dict(path=name, N=N, status=f"not run above N={args.skip_slow_over} (--skip_slow_over)"))
+                rows.append(dict(path=name, N=N,
+                                 status=f"not run above N={args.skip_slow_over} (--skip_slow_over)"))
                 continue
 
             def fwd():
@@ -120,8 +122,9 @@ def bench_attention(args, device, dtype, log):
             if r2:
                 row.update(fwdbwd_ms=r2[0], fwdbwd_peak_mib=r2[1])
             rows.append(row)
-            log(f"  attention N={N:>6} {name:<16} " + (f"fwd {row['fwd_ms']:9.2f} ms" if "fwd_ms" in row else "")
-                + (f"  fwd+bwd {row['fwdbwd_ms']:9.2f} ms" if "fwdbwd_ms" in row else "") + f"  {row['status']}")
+            fwd = f"fwd {row['fwd_ms']:9.2f} ms" if "fwd_ms" in row else ""
+            fwdbwd = f"  fwd+bwd {row['fwdbwd_ms']:9.2f} ms" if "fwdbwd_ms" in row else ""
+            log(f"  attention N={N:>6} {name:<16} {fwd}{fwdbwd}  {row['status']}")
         del q, t, v, grad
     for row in rows:  # ratios to rope-fast at the same N
         ref = next(r for r in rows if r["path"] == "rope-fast" and r["N"] == row["N"])
@@ -152,7 +155,8 @@ def bench_train(args, device, dtype, log):
             opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
             step_model = torch.compile(model) if compiled else model
             x = torch.randint(0, over["vocab_size"], (batch, over["block_size"]), device=device)
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == torch.bfloat16 else torch.enable_grad()
+            bf16 = cuda and dtype == torch.bfloat16
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.enable_grad()
 
             def step():
                 with ctx:
@@ -161,13 +165,15 @@ def bench_train(args, device, dtype, log):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            r, status = guarded(lambda: measure(step, device, args.warmup + (3 if compiled else 0), args.train_repeats))
+            r, status = guarded(lambda: measure(step, device, args.warmup + (3 if compiled else 0),
+                                                args.train_repeats))
             row = dict(attention=att, compiled=compiled, batch=batch, block_size=over["block_size"],
                        n_layer=over["n_layer"], n_embd=over["n_embd"], status=status)
             if r:
                 tokens = batch * over["block_size"]
                 row.update(ms_per_step=r[0], tokens_per_s=tokens / (r[0] / 1000), peak_mib=r[1],
-                           mfu=model.estimate_mfu(tokens, r[0] / 1000, args.peak_flops) if args.peak_flops else None)
+                           mfu=model.estimate_mfu(tokens, r[0] / 1000, args.peak_flops) if args.peak_flops
+                           else None)
             rows.append(row)
             log(f"  train {att:<10} {'compiled' if compiled else 'eager':<8} "
                 + (f"{row['tokens_per_s'] / 1000:8.1f}k tok/s" if r else status)
@@ -199,10 +205,11 @@ def bench_generate(args, device, dtype, log):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        timing = timed_generation(model, prompt, args.new_tokens, temperature=0, scaling=parse_scaling("dynamic:4"))
+        timing = timed_generation(model, prompt, args.new_tokens, temperature=0,
+                                  scaling=parse_scaling("dynamic:4"))
         head_dim = over["n_embd"] // over["n_head"]
         per_token = sum(p.numel() * p.element_size() for p in model.parameters())
-        cached = 2 * over["n_layer"] * over["n_head"] * args.prompt * head_dim  # keys and values read per token
+        cached = 2 * over["n_layer"] * over["n_head"] * args.prompt * head_dim  # keys, values read per token
         per_token += cached * model.lm_head.weight.element_size()
         rate = timing.decode_tokens_per_s
         row = dict(attention=att, prompt=args.prompt, new_tokens=args.new_tokens, prefill_s=timing.prefill_s,
@@ -210,8 +217,8 @@ def bench_generate(args, device, dtype, log):
                    fraction_of_bound=rate / (bw / per_token),
                    peak_mib=torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None)
         rows.append(row)
-        log(f"  generate {att:<10} prefill {args.prompt:,} in {row['prefill_s']:.2f} s, decode {rate:.1f} tok/s "
-            f"({100 * row['fraction_of_bound']:.1f}% of the bandwidth bound)")
+        log(f"  generate {att:<10} prefill {args.prompt:,} in {row['prefill_s']:.2f} s, decode {rate:.1f} "
+            f"tok/s ({100 * row['fraction_of_bound']:.1f}% of the bandwidth bound)")
         del model
     for row in rows:
         ref = rows[0]
@@ -229,21 +236,23 @@ def print_tables(res):
     print("| path | N | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | fwd+bwd peak MiB | status |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["attention"]:
-        print(f"| {r['path']} | {r['N']} | {fmt(r.get('fwd_ms'), '.2f')} | {fmt(r.get('fwd_ratio'), '.2f')} | "
-              f"{fmt(r.get('fwdbwd_ms'), '.2f')} | {fmt(r.get('fwdbwd_ratio'), '.2f')} | "
+        print(f"| {r['path']} | {r['N']} | {fmt(r.get('fwd_ms'), '.2f')} | {fmt(r.get('fwd_ratio'), '.2f')} "
+              f"| {fmt(r.get('fwdbwd_ms'), '.2f')} | {fmt(r.get('fwdbwd_ratio'), '.2f')} | "
               f"{fmt(r.get('fwdbwd_peak_mib'), '.0f')} | {r['status']} |")
     print("\ntraining step")
     print("| attention | compiled | tokens/s | ratio to rope | MFU | status |")
     print("|---|---|---|---|---|---|")
     for r in res["train"]:
         print(f"| {r['attention']} | {r['compiled']} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
-              f"{fmt(r.get('tokens_per_s_ratio'), '.3f')} | {fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | {r['status']} |")
+              f"{fmt(r.get('tokens_per_s_ratio'), '.3f')} | {fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | "
+              f"{r['status']} |")
     print(f"\ngeneration (copy bandwidth {res['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     print("| attention | prompt | prefill s | decode tok/s | bound tok/s | of bound | peak MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in res["generate"]:
         print(f"| {r['attention']} | {r['prompt']} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | "
-              f"{r['bound_tokens_per_s']:.0f} | {100 * r['fraction_of_bound']:.1f}% | {fmt(r['peak_mib'], '.0f')} |")
+              f"{r['bound_tokens_per_s']:.0f} | {100 * r['fraction_of_bound']:.1f}% | "
+              f"{fmt(r['peak_mib'], '.0f')} |")
 
 
 FULL = dict(lengths="512,1K,2K,4K,8K,16K,32K", heads=12, prompt=32768, new_tokens=64, warmup=3, repeats=10,
@@ -255,22 +264,28 @@ QUICK = dict(lengths="128,256,512", heads=4, prompt=1024, new_tokens=8, warmup=1
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="python -m nanococa.bench", description="nanococa benchmarks: attention, training step, "
-                       "generation")
+    p = ArgumentParser(prog="python -m nanococa.bench",
+                       description="nanococa benchmarks: attention, training step, generation")
     p.add_argument("--quick", action="store_true", help="small sizes: a 2-core CPU in under 2 minutes")
     p.add_argument("--device", default="auto")
-    p.add_argument("--lengths", default=None, help=f"attention N list (default {FULL['lengths']}; --quick {QUICK['lengths']})")
+    p.add_argument("--lengths", default=None,
+                   help=f"attention N list (default {FULL['lengths']}; --quick {QUICK['lengths']})")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=None, help=f"attention heads (default {FULL['heads']}; --quick {QUICK['heads']})")
+    p.add_argument("--heads", type=int, default=None,
+                   help=f"attention heads (default {FULL['heads']}; --quick {QUICK['heads']})")
     p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--preset", default="pycode-gpu", help="model shape for the training and generation sections")
-    p.add_argument("--prompt", type=int, default=None, help=f"generation: prompt tokens (default {FULL['prompt']})")
-    p.add_argument("--new_tokens", type=int, default=None, help=f"generation: new tokens (default {FULL['new_tokens']})")
+    p.add_argument("--preset", default="pycode-gpu",
+                   help="model shape for the training and generation sections")
+    p.add_argument("--prompt", type=int, default=None,
+                   help=f"generation: prompt tokens (default {FULL['prompt']})")
+    p.add_argument("--new_tokens", type=int, default=None,
+                   help=f"generation: new tokens (default {FULL['new_tokens']})")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--train_repeats", type=int, default=None)
     p.add_argument("--no_compile", dest="compile", action="store_false", help="training: eager only")
-    p.add_argument("--skip_slow_over", type=int, default=0, help="run naive and anchor paths only up to this N")
+    p.add_argument("--skip_slow_over", type=int, default=0,
+                   help="run naive and anchor paths only up to this N")
     p.add_argument("--peak_flops", type=float, default=None,
                    help="dense bf16 peak FLOP/s for MFU (default: the GPU's own where known, else no MFU)")
     p.add_argument("--out", default="bench.json")
@@ -298,14 +313,17 @@ def check_args(args, cuda):
     if args.head_dim % 2:
         raise UserError(f"--head_dim={args.head_dim} is odd; rotary needs an even head dimension")
     if args.new_tokens < 2:
-        raise UserError("--new_tokens must be at least 2 (decode speed is timed between the first and the last)")
+        raise UserError("--new_tokens must be at least 2 (decode speed is timed between the first and the "
+                        "last)")
     if args.peak_flops is not None and not 0 < args.peak_flops < math.inf:
         raise UserError(f"--peak_flops={args.peak_flops} must be a positive number")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out={args.out} cannot be written (a folder, or its folder is missing or read-only)")
+        raise UserError(f"--out={args.out} cannot be written (a folder, or its folder is missing or "
+                        "read-only)")
     if os.path.exists(args.out) and not is_bench_result(args.out):
-        raise UserError(f"--out={args.out} exists and is not a benchmark result: it is left alone; choose another --out")
+        raise UserError(f"--out={args.out} exists and is not a benchmark result: it is left alone; choose "
+                        "another --out")
     return applied
 
 
@@ -323,7 +341,7 @@ def main(argv):
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
     applied = check_args(args, cuda)
-    make_config([f"--preset={args.preset}"])  # an unknown preset is an error now, not after the attention section
+    make_config([f"--preset={args.preset}"])  # an unknown preset is an error now, not after the attention
     dtype = getattr(torch, resolve_dtype("auto", device))
     gpu = torch.cuda.get_device_name(device) if cuda else None
     if args.peak_flops is None and gpu:
@@ -331,9 +349,10 @@ def main(argv):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     log = lambda m: print(m, flush=True)  # noqa: E731
-    log(f"nanococa.bench on {gpu or platform.processor() or 'cpu'} ({device}, {dtype}, torch {torch.__version__}); "
-        f"B={args.batch} H={args.heads} D={args.head_dim}"
-        + (f"; MFU against {args.peak_flops / 1e12:.0f} TFLOP/s" if args.peak_flops else "; no MFU (unknown peak)"))
+    log(f"nanococa.bench on {gpu or platform.processor() or 'cpu'} ({device}, {dtype}, torch "
+        f"{torch.__version__}); B={args.batch} H={args.heads} D={args.head_dim}"
+        + (f"; MFU against {args.peak_flops / 1e12:.0f} TFLOP/s" if args.peak_flops
+           else "; no MFU (unknown peak)"))
     if args.quick:
         log("--quick sets " + (", ".join(f"{k}={v}" for k, v in applied.items()) or "nothing")
             + "; options given on the command line are kept")

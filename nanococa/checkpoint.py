@@ -33,8 +33,8 @@ from .tokenizer import get_tokenizer
 # Model fields that may change on --resume: they do not change what the weights mean.
 RESUMABLE_MODEL_FIELDS = ("dropout", "attn_impl")
 # Everything else in GPTConfig, and these, must match the checkpoint on --resume.
-FIXED_ON_RESUME = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in RESUMABLE_MODEL_FIELDS) \
-    + ("corpus", "tokenizer")
+FIXED_ON_RESUME = tuple(f.name for f in dataclasses.fields(GPTConfig)
+                        if f.name not in RESUMABLE_MODEL_FIELDS) + ("corpus", "tokenizer")
 FIXED_ON_RESUME_DROP_IN = ("attention", "block_size", "corpus")  # the rest comes from the pretrained model
 
 # -----------------------------------------------------------------------------------------------
@@ -70,11 +70,12 @@ def check_out_dir(cfg):
         raise UserError(f"--out_dir={cfg.out_dir} is not writable")
     if cfg.resume or cfg.overwrite:
         return
-    for name, what in (("ckpt.pt", "a checkpoint"), ("log.jsonl", "the log of a run that saved no checkpoint")):
+    for name, what in (("ckpt.pt", "a checkpoint"),
+                       ("log.jsonl", "the log of a run that saved no checkpoint")):
         path = os.path.join(cfg.out_dir, name)
         if os.path.lexists(path):
-            raise UserError(f"{path} holds {what}: continue it with --resume, replace it with --overwrite, or "
-                            "choose another --out_dir" if name == "ckpt.pt" else
+            raise UserError(f"{path} holds {what}: continue it with --resume, replace it with --overwrite, "
+                            "or choose another --out_dir" if name == "ckpt.pt" else
                             f"{path} holds {what}: replace it with --overwrite, or choose another --out_dir")
 
 
@@ -117,7 +118,8 @@ def restore(cfg, device, log=print):
         if drop_in:
             model, tok = model_from(ckpt, path)
         else:  # this run's config, which may change dropout and attn_impl
-            model, tok = build_model(GPTConfig(**cfg.model_args()), ckpt["model"], path), get_tokenizer(cfg.tokenizer)
+            model, tok = build_model(GPTConfig(**cfg.model_args()), ckpt["model"],
+                                     path), get_tokenizer(cfg.tokenizer)
         start = Start(model, None, tok, ckpt["iter"], ckpt["rng"], ckpt.get("init_from"),
                       ckpt.get("data_fingerprint"), ckpt.get("passkey_reached"))
     elif cfg.hf_source:
@@ -133,8 +135,8 @@ def restore(cfg, device, log=print):
         if cfg.init_from:
             start.model, start.source = init_from(cfg, model, tok, log)
     start.model.to(device)
-    start.optimizer = start.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                       device.split(":")[0])
+    start.optimizer = start.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                                       (cfg.beta1, cfg.beta2), device.split(":")[0])
     if cfg.resume:
         try:
             start.optimizer.load_state_dict(ckpt["optimizer"])
@@ -149,8 +151,8 @@ def save_training(path, model, optimizer, main=True, **state):
     data_fingerprint, passkey_reached), atomically, on the main process. The weights are checked first
     (on every process), so a model that is not finite never replaces the last good checkpoint."""
     if not weights_finite(model):
-        raise UserError(f"step {state['iter']}: the weights are not finite; {what_remains(path)} (try a lower "
-                        "--learning_rate)")
+        raise UserError(f"step {state['iter']}: the weights are not finite; {what_remains(path)} (try a "
+                        "lower --learning_rate)")
     if main:
         if hasattr(model, "checkpoint_fields"):  # a drop-in: its source, config and tokenizer files
             fields = model.checkpoint_fields()
@@ -168,7 +170,8 @@ def what_remains(path):
 
 
 def tensors_digest(obj):
-    """SHA-256 over every tensor (dtype, shape, bytes) and plain value in a nested dict/list, in a fixed order."""
+    """SHA-256 over every tensor (dtype, shape, bytes) and plain value in a nested dict/list, in a fixed
+    order."""
     h = hashlib.sha256()
 
     def walk(x):
@@ -204,10 +207,10 @@ def load(path, map_location="cpu"):
         raise UserError(f"no checkpoint at {path}; train one first (python train.py) or pass --ckpt=PATH")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: wrong advice for a hostile file
-        raise UserError(f"{path} is not a readable checkpoint: damaged, not a nanococa checkpoint, or holding "
-                        "objects other than tensors and plain values, which are refused unread (loading them "
-                        "could run code)") from None
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: wrong for a hostile file
+        raise UserError(f"{path} is not a readable checkpoint: damaged, not a nanococa checkpoint, or "
+                        "holding objects other than tensors and plain values, which are refused unread "
+                        "(loading them could run code)") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint: damaged, cut short, or not a checkpoint "
                         f"({type(e).__name__}: {str(e)[:120]})") from None
@@ -262,10 +265,12 @@ def model_config(ckpt, path):
 
 
 def check_fit(own, state, path):
-    """The tensors of `state` against a model's state dict `own` (shapes only): one UserError for the misfits."""
-    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
-    problems += [f"{k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}" for k, v in state.items()
-                 if k in own and v.shape != own[k].shape]
+    """The tensors of `state` against a model's state dict `own` (shapes only): one UserError for the
+    misfits."""
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
     if problems:
         raise UserError(f"{path}: the weights do not fit its model_args: " + "; ".join(problems[:4])
                         + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
@@ -287,11 +292,12 @@ def build_model(config, state, path):
 
 
 def check_training_state(ckpt, path):
-    """--resume needs a complete training state of the right types; else one UserError naming what is wrong."""
+    """--resume needs a complete training state of the right types; else one UserError naming what is
+    wrong."""
     missing = {"optimizer", "rng", "iter"} - set(ckpt)
     if missing:
-        raise UserError(f"--resume: {path} has no {', '.join(sorted(missing))}: it is not a training state to "
-                        "continue; start a new run from its weights with --init_from")
+        raise UserError(f"--resume: {path} has no {', '.join(sorted(missing))}: it is not a training state "
+                        "to continue; start a new run from its weights with --init_from")
     rng = ckpt["rng"]
     problems = []
     if not isinstance(ckpt["iter"], int) or isinstance(ckpt["iter"], bool) or ckpt["iter"] < 0:
@@ -319,12 +325,13 @@ def resume_changes(cfg, ckpt, path):
     saved = {**ckpt["train_config"], **ckpt["model_args"], "tokenizer": ckpt["tokenizer"]}
     mine = dataclasses.asdict(cfg)
     fixed_fields = FIXED_ON_RESUME_DROP_IN if drop_in else FIXED_ON_RESUME
-    fixed = [f"{k}={saved[k]!r} there, {mine[k]!r} here" for k in fixed_fields if k in saved and saved[k] != mine[k]]
+    fixed = [f"{k}={saved[k]!r} there, {mine[k]!r} here" for k in fixed_fields
+             if k in saved and saved[k] != mine[k]]
     if fixed:
-        hint = f" (it was trained with --preset={saved['preset']})" if saved.get("preset", cfg.preset) != cfg.preset \
-            else ""
-        raise UserError(f"--resume: {path} differs from this run in {'; '.join(fixed)}{hint}; give the run's own "
-                        "options, or start a new run (--init_from to reuse its weights)")
+        other_preset = saved.get("preset", cfg.preset) != cfg.preset
+        hint = f" (it was trained with --preset={saved['preset']})" if other_preset else ""
+        raise UserError(f"--resume: {path} differs from this run in {'; '.join(fixed)}{hint}; give the run's "
+                        "own options, or start a new run (--init_from to reuse its weights)")
     skip = set(FIXED_ON_RESUME) | {"resume", "overwrite", "init_from"}
     return [(k, saved[k], v) for k, v in mine.items() if k in saved and k not in skip and saved[k] != v]
 
@@ -340,13 +347,13 @@ def init_from(cfg, model, tok, log):
         model, _ = hf.from_checkpoint(src, path, attention=cfg.attention)
     else:
         if src["tokenizer"] != tok.name:
-            raise UserError(f"--init_from={path} was trained with tokenizer {src['tokenizer']}, this run uses "
-                            f"{tok.name}")
+            raise UserError(f"--init_from={path} was trained with tokenizer {src['tokenizer']}, this run "
+                            f"uses {tok.name}")
         theirs = model_config(src, path)
         if theirs.n_head != cfg.n_head:  # the shapes can agree while every head means something else
-            raise UserError(f"--init_from={path} has n_head={theirs.n_head}, this run n_head={cfg.n_head}: the "
-                            f"weights would keep their shapes but each head would mean something else; give "
-                            f"--n_head={theirs.n_head}")
+            raise UserError(f"--init_from={path} has n_head={theirs.n_head}, this run n_head={cfg.n_head}: "
+                            "the weights would keep their shapes but each head would mean something else; "
+                            f"give --n_head={theirs.n_head}")
         fresh = convert_weights(model, src["model"], path)
     args = src["model_args"]
     source = dict(path=path, iter=src.get("iter"), attention=args.get("attention"),

@@ -82,7 +82,8 @@ def gpu_peak_flops(gpu_name):
 def parse_lengths(text):
     """"512,1K,2K" -> [512, 1024, 2048] (sorted, unique); K means 1024. ValueError names what is wrong."""
     try:
-        values = [int(x[:-1]) * 1024 if x[-1] in "kK" else int(x) for x in map(str.strip, text.split(",")) if x]
+        values = [int(x[:-1]) * 1024 if x[-1] in "kK" else int(x)
+                  for x in map(str.strip, text.split(",")) if x]
     except ValueError:
         raise ValueError(f"{text!r} is not a comma-separated list of lengths (e.g. 512,1K,2K)") from None
     if not values or min(values) < 2:
@@ -122,13 +123,13 @@ def parse_scaling(text):
     return Scaling(rope, factor, logn)
 
 
-POSITIONS_HELP = ("contiguous; pose:R (PoSE: two chunks, the second shifted by a random skip, so distances reach "
-                  "R - 1) or random:R (a sorted random sample of 0 .. R-1), R like 16K")
+POSITIONS_HELP = ("contiguous; pose:R (PoSE: two chunks, the second shifted by a random skip, so distances "
+                  "reach R - 1) or random:R (a sorted random sample of 0 .. R-1), R like 16K")
 
 
 def parse_positions(text):
-    """Training positions: "contiguous" -> None, "pose:16K" -> ("pose", 16384), "random:16K" -> ("random", 16384).
-    ValueError names what is wrong."""
+    """Training positions: "contiguous" -> None, "pose:16K" -> ("pose", 16384), "random:16K" ->
+    ("random", 16384). ValueError names what is wrong."""
     kind, colon, reach = str(text).strip().partition(":")
     if kind == "contiguous" and not colon:
         return None
@@ -149,15 +150,16 @@ def fmt_time(s):
 
 
 def open_new_or_own(path, mode="a"):
-    """Open a file this program writes (a log, a lock) for appending ("a") or afresh ("w"), refusing a symbolic
-    link there: following one would write into a file elsewhere. Returns a text file object."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+    """Open a file this program writes (a log, a lock) for appending ("a") or afresh ("w"), refusing a
+    symbolic link there: following one would write into a file elsewhere. Returns a text file object."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         return os.fdopen(os.open(path, flags, 0o644), mode)
     except OSError as e:
         if os.path.islink(path):
-            raise UserError(f"{path} is a symbolic link; nanococa writes only files it owns there: remove the "
-                            "link or choose another folder") from None
+            raise UserError(f"{path} is a symbolic link; nanococa writes only files it owns there: remove "
+                            "the link or choose another folder") from None
         raise UserError(f"cannot write {path} ({e.strerror or e})") from None
 
 
@@ -177,9 +179,9 @@ def file_lock(path, wait=True, busy_message=None, log=None, owner=None):
         except BlockingIOError:
             if not wait:
                 holder = held_by(path)
-                raise UserError((busy_message or f"{path} is locked") + (f": {holder} is writing there" if holder
-                                else ": another process holds it") + "; wait for it or choose another folder") \
-                    from None
+                who = f": {holder} is writing there" if holder else ": another process holds it"
+                raise UserError(f"{busy_message or f'{path} is locked'}{who}; wait for it or choose another "
+                                "folder") from None
             if log:
                 log(f"waiting for another process that holds {path} ...")
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -213,8 +215,9 @@ def corpus_of(ckpt, given, path):
         return given
     corpus = (ckpt.get("train_config") or {}).get("corpus", "shakespeare")
     if corpus not in NAMED_CORPORA:
-        raise UserError(f"{path} was trained on the corpus {str(corpus)[:200]!r}; a corpus that is a path or a "
-                        f"dataset is read only when you name it: give --corpus={str(corpus)[:200]} (or another)")
+        raise UserError(f"{path} was trained on the corpus {str(corpus)[:200]!r}; a corpus that is a path or "
+                        f"a dataset is read only when you name it: give --corpus={str(corpus)[:200]} (or "
+                        "another)")
     return corpus
 
 

@@ -33,7 +33,8 @@ from .errors import UserError
 VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")
 VAL_PACKAGES = ("asyncio", "email", "json")
 PYCODE_MAX_CHARS = 4_000_000  # per package: the first files (sorted) up to this many characters
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".tex", ".c", ".h", ".js", ".html", ".csv", ".json", ".yaml", ".toml")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".tex", ".c", ".h", ".js", ".html", ".csv", ".json", ".yaml",
+                 ".toml")
 CORPORA = ("shakespeare", "pycode", "text:PATH", "hf:NAME[:CONFIG]")
 
 # -----------------------------------------------------------------------------------------------
@@ -82,7 +83,8 @@ def shakespeare_docs():
 
 
 def python_roots():
-    roots = [sysconfig.get_paths()["stdlib"]] + sorted(set(site.getsitepackages() + [site.getusersitepackages()]))
+    packages = set(site.getsitepackages() + [site.getusersitepackages()])
+    roots = [sysconfig.get_paths()["stdlib"]] + sorted(packages)
     return [r for r in dict.fromkeys(roots) if os.path.isdir(r)]
 
 
@@ -119,16 +121,18 @@ def text_docs(path):
         cut = text.rfind("\n", 0, len(text) * 9 // 10) + 1 or len(text) * 9 // 10
         if not text[cut:].strip() or not text[:cut].strip():
             raise UserError(f"corpus text:{path}: too short to split into training and validation text")
-        return {"train": [(os.path.basename(path), text[:cut])], "val": [(os.path.basename(path) + ":val", text[cut:])]}
+        return {"train": [(os.path.basename(path), text[:cut])],
+                "val": [(os.path.basename(path) + ":val", text[cut:])]}
     files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
                    if f.endswith(TEXT_SUFFIXES))
     if len(files) < 2:
-        raise UserError(f"corpus text:{path}: a folder needs at least two files ending in {', '.join(TEXT_SUFFIXES)}; "
-                        f"found {len(files)}")
+        raise UserError(f"corpus text:{path}: a folder needs at least two files ending in "
+                        f"{', '.join(TEXT_SUFFIXES)}; found {len(files)}")
     docs = {"train": [], "val": []}
     for i, rel in enumerate(files):
         text = read_text(os.path.join(path, rel))
-        docs["val" if i % 10 == 9 or (len(files) < 10 and i == len(files) - 1) else "train"].append((rel, text))
+        val = i % 10 == 9 or (len(files) < 10 and i == len(files) - 1)
+        docs["val" if val else "train"].append((rel, text))
     return docs
 
 
@@ -136,7 +140,8 @@ def hf_docs(spec):
     try:
         import datasets
     except ImportError:
-        raise UserError("corpus hf:... needs the optional package datasets (pip install datasets) and the network") from None
+        raise UserError("corpus hf:... needs the optional package datasets (pip install datasets) and the "
+                        "network") from None
     name, _, config = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None)
@@ -144,7 +149,8 @@ def hf_docs(spec):
         raise UserError(f"corpus hf:{spec}: could not load it ({type(e).__name__}: {e})") from None
     val_split = next((s for s in ("validation", "test") if s in ds), None)
     if "train" not in ds or val_split is None or "text" not in ds["train"].column_names:
-        raise UserError(f"corpus hf:{spec}: needs a train split, a validation or test split and a 'text' column")
+        raise UserError(f"corpus hf:{spec}: needs a train split, a validation or test split and a 'text' "
+                        "column")
     return {"train": [(f"train:{i}", r["text"]) for i, r in enumerate(ds["train"])],
             "val": [(f"{val_split}:{i}", r["text"]) for i, r in enumerate(ds[val_split])]}
 
@@ -209,7 +215,8 @@ def manifest_problem(manifest, fp, tokenizer):
         if not isinstance(meta, dict):
             return f"manifest.json lacks the {split} split"
         ok = (isinstance(meta.get("tokens"), int) and isinstance(meta.get("sha256"), str)
-              and isinstance(meta.get("documents"), list) and all(isinstance(n, str) for n in meta["documents"])
+              and isinstance(meta.get("documents"), list)
+              and all(isinstance(n, str) for n in meta["documents"])
               and isinstance(meta.get("doc_tokens"), list)
               and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in meta["doc_tokens"]))
         if not ok:
@@ -276,8 +283,8 @@ def write_cache(out, corpus, docs, fp, tokenizer, log):
     """Write the splits through temporary files; the manifest goes last, so a cache that was cut off
     (a kill, a full disk) is never taken for a complete one. Leftover temporaries are removed."""
     if tokenizer.vocab_size > 65536:
-        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size:,} tokens: the cache stores uint16 ids "
-                        "(at most 65,536)")
+        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size:,} tokens: the cache stores "
+                        "uint16 ids (at most 65,536)")
     for name in os.listdir(out):
         if ".tmp" in name or name == "manifest.json":
             os.remove(os.path.join(out, name))  # stale: until the new manifest is written, nothing is reused
@@ -303,7 +310,8 @@ def write_cache(out, corpus, docs, fp, tokenizer, log):
             lengths = np.array(lengths, dtype=np.int64)
             with open(temporary(f"{split}.offsets.npy"), "wb") as f:
                 np.save(f, np.concatenate(([0], np.cumsum(lengths)[:-1])))
-            manifest["splits"][split] = {"tokens": int(lengths.sum()), "documents": [n for n, _ in docs[split]],
+            manifest["splits"][split] = {"tokens": int(lengths.sum()),
+                                         "documents": [n for n, _ in docs[split]],
                                          "doc_tokens": lengths.tolist(), "sha256": digest.hexdigest()}
             log(f"data: {corpus} {split}: {len(lengths)} documents, {int(lengths.sum()):,} tokens")
         with open(temporary("manifest.json"), "w") as f:
@@ -330,8 +338,8 @@ class Split:
             self.doc_tokens = np.array(meta["doc_tokens"], dtype=np.int64)
             self.names, self.fingerprint = list(meta["documents"]), str(manifest["fingerprint"])
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
-            raise UserError(f"data: the cache in {folder} cannot be read ({type(e).__name__}: {e}); delete the "
-                            "folder and it is rebuilt on the next run") from None
+            raise UserError(f"data: the cache in {folder} cannot be read ({type(e).__name__}: {e}); delete "
+                            "the folder and it is rebuilt on the next run") from None
 
     def __len__(self):
         return len(self.tokens)
@@ -343,7 +351,8 @@ class Split:
     def batch(self, batch_size, block_size, generator, device="cpu"):
         """Random windows: x (B, T) and y, x shifted by one. generator (torch) fixes the windows."""
         if len(self.tokens) <= block_size + 1:
-            raise UserError(f"a split of {len(self.tokens):,} tokens is too short for block_size={block_size}")
+            raise UserError(f"a split of {len(self.tokens):,} tokens is too short for "
+                            f"block_size={block_size}")
         ix = torch.randint(len(self.tokens) - block_size - 1, (batch_size,), generator=generator).tolist()
         x = torch.from_numpy(np.stack([self.tokens[i:i + block_size].astype(np.int64) for i in ix]))
         y = torch.from_numpy(np.stack([self.tokens[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))

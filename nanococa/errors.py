@@ -17,7 +17,8 @@ class UserError(ValueError):
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, unless the default is None (then the help says what happens)."""
+    """Every option's help ends with its default, unless the default is None (then the help says what
+    happens)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)

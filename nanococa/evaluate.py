@@ -39,8 +39,9 @@ def pick_windows(split, max_len, target, count, option="--lengths"):
     eligible = sorted((i for i, n in enumerate(lengths) if n >= max_len + 1), key=lambda i: -lengths[i])
     if not eligible:
         longest = max(range(len(lengths)), key=lambda i: lengths[i])
-        raise UserError(f"length {max_len:,} needs a validation document of at least {max_len + 1:,} tokens; the "
-                        f"longest is {split.names[longest]!r} with {lengths[longest]:,}: use shorter {option}")
+        raise UserError(f"length {max_len:,} needs a validation document of at least {max_len + 1:,} tokens; "
+                        f"the longest is {split.names[longest]!r} with {lengths[longest]:,}: use shorter "
+                        f"{option}")
     room = {i: (lengths[i] - max_len - 1) // target + 1 for i in eligible}  # disjoint targets that fit
     share = {i: 0 for i in eligible}
     for _ in range(count):  # deal the windows round-robin to documents that still have room
@@ -69,7 +70,7 @@ def same_targets_perplexity(model, split, windows, length, target, scaling=None,
     """(perplexity, mean NLL of each window, scored target ids as a list per window) at one length."""
     per_window, scored = [], []
     for doc, end in windows:
-        ids = torch.from_numpy(split.document(doc)[end - length - 1:end].astype("int64")).to(device)  # L + 1 tokens
+        ids = torch.from_numpy(split.document(doc)[end - length - 1:end].astype("int64")).to(device)  # L + 1
         per_window.append(nll_of_last(model, ids, target, scaling) / target)
         scored.append(ids[-target:].tolist())
     return math.exp(sum(per_window) / len(per_window)), per_window, scored
@@ -136,15 +137,17 @@ class Plan:
 def measure(model, tok, split, plan, length, scaling):
     """One cell: perplexity with its interval and, when asked, passkey accuracy by depth bucket."""
     if plan.protocol == "same-targets":
-        ppl, units, _ = same_targets_perplexity(model, split, plan.windows, length, plan.target, scaling, plan.device)
+        ppl, units, _ = same_targets_perplexity(model, split, plan.windows, length, plan.target, scaling,
+                                                plan.device)
         count = len(plan.windows) * plan.target
     else:
-        ppl, units, count = sliding_perplexity(model, split, plan.docs, length, max(plan.lengths), plan.stride,
-                                               scaling, plan.device)
+        ppl, units, count = sliding_perplexity(model, split, plan.docs, length, max(plan.lengths),
+                                               plan.stride, scaling, plan.device)
     lo, hi = bootstrap_interval(units, seed=plan.seed)
-    row = dict(perplexity=ppl, perplexity_lo=lo, perplexity_hi=hi, units=len(units), targets=count, unit_nll=units,
-               passkey_accuracy=None, passkey_lo=None, passkey_hi=None, passkey_trials=plan.passkey_trials or None,
-               passkey_depth_hits=None, passkey_depth_trials=None, passkey_answer_nll=None, note=None)
+    row = dict(perplexity=ppl, perplexity_lo=lo, perplexity_hi=hi, units=len(units), targets=count,
+               unit_nll=units, passkey_accuracy=None, passkey_lo=None, passkey_hi=None,
+               passkey_trials=plan.passkey_trials or None, passkey_depth_hits=None, passkey_depth_trials=None,
+               passkey_answer_nll=None, note=None)
     if plan.passkey_trials and length < passkey.min_length(tok):
         row["note"] = f"passkey needs at least {passkey.min_length(tok)} tokens"
     elif plan.passkey_trials and plan.passkey_lengths is not None and length not in plan.passkey_lengths:
@@ -161,17 +164,19 @@ def measure(model, tok, split, plan, length, scaling):
 
 
 def evaluate_models(models, scalings, split, plan, corpus, log=print, after_each=None):
-    """Every (checkpoint, scaling, length) cell: models [(path, model, tokenizer)], scalings [(name, Scaling)].
-    Rows in report.COLUMNS; after_each(rows) is called when a checkpoint x scaling row is complete."""
+    """Every (checkpoint, scaling, length) cell: models [(path, model, tokenizer)], scalings [(name,
+    Scaling)]. Rows in report.COLUMNS; after_each(rows) is called when a checkpoint x scaling row is
+    complete."""
     rows, t_all, done_cells = [], time.perf_counter(), 0
     total = len(models) * len(scalings) * len(plan.lengths)
     for path, model, tok in models:
-        measured = {}  # (effective scaling, length) -> its row: a scaling that does nothing is not measured again
+        measured = {}  # (effective scaling, length) -> its row: a scaling that does nothing is measured once
         for name, scaling in scalings:
             eff = effective_scaling(model, scaling)
             for n in plan.lengths:
-                base = dict(checkpoint=path, attention=model.config.attention, attn_scale=model.config.attn_scale,
-                            corpus=corpus, tokenizer=tok.name, scaling=name, protocol=plan.protocol, length=n)
+                base = dict(checkpoint=path, attention=model.config.attention,
+                            attn_scale=model.config.attn_scale, corpus=corpus, tokenizer=tok.name,
+                            scaling=name, protocol=plan.protocol, length=n)
                 done_cells += 1
                 if (eff, n) in measured:
                     prev = measured[eff, n]
@@ -183,10 +188,13 @@ def evaluate_models(models, scalings, split, plan, corpus, log=print, after_each
                 rows.append(row)
                 measured[eff, n] = row
                 elapsed = time.perf_counter() - t_all
-                log(f"  {path} {model.config.attention} {name:>14} L={n:>6,}: ppl {row['perplexity']:9.3f}"
-                    + (f" ({row['perplexity_lo']:.2f}-{row['perplexity_hi']:.2f})" if row["perplexity_lo"] else "")
-                    + (f" passkey {row['passkey_accuracy']:.2f}" if row["passkey_accuracy"] is not None else "")
-                    + f"  ({time.perf_counter() - t0:.1f} s; {done_cells}/{total} cells, {fmt_time(elapsed)} so far)")
+                lo, hi, pk = row["perplexity_lo"], row["perplexity_hi"], row["passkey_accuracy"]
+                band = f" ({lo:.2f}-{hi:.2f})" if lo else ""
+                log(f"  {path} {model.config.attention} {name:>14} L={n:>6,}: ppl "
+                    f"{row['perplexity']:9.3f}{band}"
+                    + (f" passkey {pk:.2f}" if pk is not None else "")
+                    + f"  ({time.perf_counter() - t0:.1f} s; {done_cells}/{total} cells, {fmt_time(elapsed)} "
+                      "so far)")
             if after_each:
                 after_each(rows)
     return rows
@@ -204,15 +212,17 @@ def attention_weights(model, ids, scaling=None, queries=None):
     T, D, H = x.size(1), cfg.n_embd // cfg.n_head, cfg.n_head
     queries = queries or T
     scaling = scaling or Scaling()
-    rot = None if cfg.attention == "alibi" else rotary_cos_sin(0, T, D, cfg.rope_base, scaling, cfg.block_size,
-                                                                x.device, x.dtype)
+    rot = None if cfg.attention == "alibi" else \
+        rotary_cos_sin(0, T, D, cfg.rope_base, scaling, cfg.block_size, x.device, x.dtype)
     log_m = log_key_count(0, T, x.device)
     row_scale = logn_scale(log_m, cfg.block_size) if scaling.logn else None
-    future = torch.arange(T - queries, T, device=x.device)[:, None] < torch.arange(T, device=x.device)[None, :]
+    m, n = torch.arange(T - queries, T, device=x.device), torch.arange(T, device=x.device)
+    future = m[:, None] < n[None, :]
     out = []
     for block in model.transformer.h:
         a = block.attn
-        q, t, _ = (z.view(1, T, H, D).transpose(1, 2) for z in a.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2))
+        qtv = a.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2)
+        q, t, _ = (z.view(1, T, H, D).transpose(1, 2) for z in qtv)
         if a.variant == "alibi":
             scores = alibi_scores_naive(q, t, a.slopes)[:, :, -queries:]
         else:

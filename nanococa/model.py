@@ -62,8 +62,8 @@ class GPTConfig:
     bias: bool = option(False, "biases in the linear layers and layer norms")
     attention: str = option("coca", " | ".join(ATTENTIONS))
     attn_impl: str = option("fast", "fast (the SDPA form) | naive (the literal equations): the same numbers")
-    attn_scale: str = option("none", "none | ssmax (Scalable-Softmax: each row of logits times s_h log(m + 1), "
-                                     "s learned per head)")
+    attn_scale: str = option("none", "none | ssmax (Scalable-Softmax: each row of logits times s_h log(m + "
+                                     "1), s learned per head)")
     rope_base: float = option(10000.0, "rotary base: theta_j = base^(-2j/D)")
 
     def __post_init__(self):

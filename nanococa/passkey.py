@@ -58,7 +58,8 @@ def build(tok, length, depth, key):
     info, answer = key_sentence(tok, key), answer_ids(tok, key)
     n_filler = length - len(task) - len(info) - len(question) - len(answer)
     if n_filler < 0:
-        raise UserError(f"a passkey text of {length} tokens is shorter than its fixed text ({length - n_filler} tokens)")
+        raise UserError(f"a passkey text of {length} tokens is shorter than its fixed text "
+                        f"({length - n_filler} tokens)")
     filler = (one * (n_filler // len(one) + 1))[:n_filler]
     cut = round(depth * n_filler)
     return task + filler[:cut] + info + filler[cut:] + question, len(task) + cut, answer
@@ -77,7 +78,8 @@ def training_tokens(tok, n, generator):
         return int(torch.randint(k, (1,), generator=generator))
     lo, ids = min_length(tok), []
     if n - 1 < lo:
-        raise UserError(f"a row of {n} tokens has no room for a passkey text ({lo} tokens and an end-of-text)")
+        raise UserError(f"a row of {n} tokens has no room for a passkey text ({lo} tokens and an "
+                        "end-of-text)")
     while len(ids) < n:
         length, depth = lo + draw(n - lo), draw(10_001) / 10_000
         prompt, _, answer = build(tok, length, depth, random_key(draw))

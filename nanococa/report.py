@@ -63,7 +63,8 @@ def markdown_table(rows, key):
 
     out = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for lab in labels:
-        out.append(f"| {lab} | " + " | ".join(text(cell[lab, n]) if (lab, n) in cell else "" for n in lengths) + " |")
+        cells = (text(cell[lab, n]) if (lab, n) in cell else "" for n in lengths)
+        out.append(f"| {lab} | " + " | ".join(cells) + " |")
     if notes:
         out += [""] + [f"[{i}] {note}" for note, i in notes.items()]
     return "\n".join(out)
@@ -124,7 +125,8 @@ def log_y_axis(ax):
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-METHODS = ["coca", "rope", "alibi", "coca-slack", "coca+ssmax", "rope+ssmax", "alibi+ssmax", "coca-slack+ssmax"]
+METHODS = ["coca", "rope", "alibi", "coca-slack", "coca+ssmax", "rope+ssmax", "alibi+ssmax",
+           "coca-slack+ssmax"]
 
 
 def run_styles(runs):
@@ -150,7 +152,8 @@ def plot_results(rows, meta, path, log=print):
     has_passkey = any(r.get("passkey_accuracy") is not None for r in rows)
     panels = len(scalings) + has_passkey
     cols = min(panels, 3)
-    fig, grid = plt.subplots(-(-panels // cols), cols, figsize=(5 * cols, 4.2 * -(-panels // cols)), squeeze=False)
+    fig, grid = plt.subplots(-(-panels // cols), cols, figsize=(5 * cols, 4.2 * -(-panels // cols)),
+                             squeeze=False)
     axes, spare = list(grid.flat[:panels]), list(grid.flat[panels:])  # a grid, read in order
     ppl_axes = axes[:len(scalings)]
     for ax, scaling in zip(ppl_axes, scalings):
@@ -160,7 +163,8 @@ def plot_results(rows, meta, path, log=print):
             if not mine:
                 continue
             n = [r["length"] for r in mine]
-            ax.plot(n, [r["perplexity"] for r in mine], style, color=colour, marker="o", ms=3, label=f"{ckpt} ({m})")
+            ax.plot(n, [r["perplexity"] for r in mine], style, color=colour, marker="o", ms=3,
+                    label=f"{ckpt} ({m})")
             if all(r.get("perplexity_lo") is not None for r in mine):
                 ax.fill_between(n, [r["perplexity_lo"] for r in mine], [r["perplexity_hi"] for r in mine],
                                 color=colour, alpha=0.12, lw=0)
@@ -176,7 +180,8 @@ def plot_results(rows, meta, path, log=print):
                 continue
             colour, style = styles[(method(pk[0]), r0[0])]
             acc = [r["passkey_accuracy"] for r in pk]
-            err = [[a - r["passkey_lo"] for a, r in zip(acc, pk)], [r["passkey_hi"] - a for a, r in zip(acc, pk)]]
+            err = [[a - r["passkey_lo"] for a, r in zip(acc, pk)],
+                   [r["passkey_hi"] - a for a, r in zip(acc, pk)]]
             ax.errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, color=colour, marker="o", ms=3,
                         capsize=2, label=f"{r0[0]} ({r0[1]})")
         ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
@@ -187,7 +192,7 @@ def plot_results(rows, meta, path, log=print):
     for ax in ppl_axes:
         log_y_axis(ax)
         if values:
-            ax.set_ylim(min(values) / 1.1, max(values) * 1.1)  # one scale for every panel: they compare at a glance
+            ax.set_ylim(min(values) / 1.1, max(values) * 1.1)  # one scale for every panel, compared at sight
     for ax in axes:
         length_axis(ax, lengths)
     legend = {}  # every line once, below the panels, so that many lines do not cover them
@@ -197,9 +202,11 @@ def plot_results(rows, meta, path, log=print):
         ax.remove()
     height = 0.2 * -(-len(legend) // (2 * cols)) + 0.3  # inches added below the grid for the legend
     fig.set_figheight(fig.get_figheight() + height)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2 * cols, fontsize=7, frameon=False)
-    fig.suptitle(f"trained at {meta.get('train_len')}; the same target tokens at every length" if
-                 meta.get("protocol") == "same-targets" else f"trained at {meta.get('train_len')}", fontsize=10)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2 * cols, fontsize=7,
+               frameon=False)
+    title = f"trained at {meta.get('train_len')}"
+    same = meta.get("protocol") == "same-targets"
+    fig.suptitle(title + ("; the same target tokens at every length" if same else ""), fontsize=10)
     fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
     return save_figure(fig, plt, path)
 
@@ -215,8 +222,8 @@ def plot_passkey_heatmaps(rows, meta, path, log=print):
     ckpts = list(dict.fromkeys(c for c, _ in pairs))
     scalings = list(dict.fromkeys(s for _, s in pairs))
     lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(len(ckpts), len(scalings), figsize=(2.5 * len(scalings) + 1.5, 2.3 * len(ckpts) + 0.8),
-                             squeeze=False, layout="constrained")
+    size = (2.5 * len(scalings) + 1.5, 2.3 * len(ckpts) + 0.8)
+    fig, axes = plt.subplots(len(ckpts), len(scalings), figsize=size, squeeze=False, layout="constrained")
     image = None
     for i, ckpt in enumerate(ckpts):
         for j, scaling in enumerate(scalings):
@@ -230,11 +237,14 @@ def plot_passkey_heatmaps(rows, meta, path, log=print):
                      if n in cells and cells[n]["passkey_depth_trials"][b] else float("nan") for n in lengths]
                     for b in range(buckets)]
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", interpolation="nearest")
-            ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=6)
-            ax.set_yticks([0, buckets - 1], [f"0-{100 // buckets}%", f"{100 - 100 // buckets}-100%"], fontsize=6)
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths],
+                          fontsize=6)
+            ax.set_yticks([0, buckets - 1], [f"0-{100 // buckets}%", f"{100 - 100 // buckets}-100%"],
+                          fontsize=6)
             trials = sum(next(iter(cells.values()))["passkey_depth_trials"])
             method_of = method(next(iter(cells.values())))
-            ax.set_title(f"{os.path.basename(str(ckpt).rstrip('/'))} ({method_of})\n{scaling}, {trials} trials",
+            ax.set_title(f"{os.path.basename(str(ckpt).rstrip('/'))} ({method_of})\n{scaling}, {trials} "
+                         "trials",
                          fontsize=7)
             if j == 0:
                 ax.set_ylabel("key depth", fontsize=7)
@@ -264,7 +274,8 @@ def read_length_curves(run_dir, log=print):
                 raise ValueError
             if r.get("event") == "eval" and (r.get("ppl_at_length") or r.get("passkey") is not None):
                 ppl = {int(k): float(v) for k, v in (r.get("ppl_at_length") or {}).items()}
-                points.append((int(r["iter"]), ppl, None if r.get("passkey") is None else float(r["passkey"])))
+                points.append((int(r["iter"]), ppl,
+                               None if r.get("passkey") is None else float(r["passkey"])))
             records.append(r)
         except (ValueError, TypeError, AttributeError, KeyError):
             skipped.append(i)
@@ -288,8 +299,8 @@ def plot_training_curves(run_dirs, path, log=print):
     corpora = {d: corpus for d, (_, _, corpus, _) in zip(run_dirs, runs)}
     if len(set(corpora.values())) > 1:
         listed = ", ".join(f"{d}: {c}" for d, c in corpora.items())
-        raise UserError(f"curves: these runs trained on different corpora ({listed}); their perplexities do not "
-                        "share a scale: plot them in separate calls")
+        raise UserError(f"curves: these runs trained on different corpora ({listed}); their perplexities do "
+                        "not share a scale: plot them in separate calls")
     plt = pyplot(log)
     if plt is None:
         return runs, False
@@ -305,7 +316,8 @@ def plot_training_curves(run_dirs, path, log=print):
             if kind == "ppl":
                 xs = [(i, p[n]) for i, p, _ in pts if n in p]
             elif kind == "ratio":
-                xs = [(i, p[lengths[-1]] / p[lengths[0]]) for i, p, _ in pts if lengths[0] in p and lengths[-1] in p]
+                xs = [(i, p[lengths[-1]] / p[lengths[0]]) for i, p,
+                      _ in pts if lengths[0] in p and lengths[-1] in p]
             else:
                 xs = [(i, pk) for i, _, pk in pts if pk is not None]
             ax.plot([x for x, _ in xs], [y for _, y in xs], **kw)
@@ -316,7 +328,8 @@ def plot_training_curves(run_dirs, path, log=print):
         elif kind == "ratio":
             ax.set(title=f"{lengths[-1]:,} over {lengths[0]:,}", xlabel="training step", ylabel="ratio")
         else:
-            ax.set(title="passkey accuracy at the training length", xlabel="training step", ylim=(-0.05, 1.05))
+            ax.set(title="passkey accuracy at the training length", xlabel="training step",
+                   ylim=(-0.05, 1.05))
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     return runs, save_figure(fig, plt, path)
@@ -366,10 +379,13 @@ def merge(folders, out_dir, log):
     for folder, doc in zip(folders[1:], docs[1:]):
         differ = [k for k in same if doc["meta"].get(k) != docs[0]["meta"].get(k)]
         if differ:
-            raise UserError(f"merge: {folder} was evaluated with another {', '.join(differ)} than {folders[0]}")
-    with_passkey = [(folder, doc["meta"]) for folder, doc in zip(folders, docs) if doc["meta"].get("passkey_trials")]
+            raise UserError(f"merge: {folder} was evaluated with another {', '.join(differ)} than "
+                            f"{folders[0]}")
+    with_passkey = [(folder, doc["meta"]) for folder,
+                    doc in zip(folders, docs) if doc["meta"].get("passkey_trials")]
     for folder, m in with_passkey[1:]:  # one passkey plan too: a table heads every cell with one trial count
-        differ = [k for k in ("passkey_trials", "passkey_depth_buckets") if m.get(k) != with_passkey[0][1].get(k)]
+        differ = [k for k in ("passkey_trials",
+                              "passkey_depth_buckets") if m.get(k) != with_passkey[0][1].get(k)]
         if differ:
             raise UserError(f"merge: {folder} measured passkey with another {', '.join(differ)} "
                             f"than {with_passkey[0][0]}")
@@ -392,7 +408,8 @@ def read_results(folder):
             doc = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"merge: cannot read {path} ({e})") from None
-    if not (isinstance(doc, dict) and isinstance(doc.get("meta"), dict) and isinstance(doc.get("results"), list)):
+    if not (isinstance(doc, dict) and isinstance(doc.get("meta"), dict)
+            and isinstance(doc.get("results"), list)):
         raise UserError(f"merge: {path} is not an evaluation's results (a dict with meta and results)")
     for i, r in enumerate(doc["results"]):
         problem = row_problem(r)
@@ -432,9 +449,11 @@ def curves(run_dirs, out_dir, log):
 def main(argv):
     p = ArgumentParser(prog="python -m nanococa.report", description="Reports over results already written.")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="join eval_length.py results of one plan (run side by side) into one table")
+    m = sub.add_parser("merge",
+                       help="join eval_length.py results of one plan (run side by side) into one table")
     m.add_argument("folders", nargs="+", metavar="EVAL_DIR")
-    c = sub.add_parser("curves", help="perplexity and passkey accuracy against training step, from runs' logs")
+    c = sub.add_parser("curves",
+                       help="perplexity and passkey accuracy against training step, from runs' logs")
     c.add_argument("folders", nargs="+", metavar="RUN_DIR")
     for q in (m, c):
         q.add_argument("--out_dir", default="report_out")

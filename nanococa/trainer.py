@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, passkey
-from .common import fmt_length, fmt_time, method_name, open_new_or_own, peak_flops, resolve_device, resolve_dtype
+from .common import (fmt_length, fmt_time, method_name, open_new_or_own, peak_flops, resolve_device,
+                     resolve_dtype)
 from .data import Split, prepare, training_positions
 from .errors import UserError
 from .evaluate import pick_windows, same_targets_perplexity
@@ -178,12 +179,13 @@ def start_run(cfg, place, log):
     start = checkpoint.restore(cfg, place.device, log)
     tok = start.tokenizer
     if cfg.passkey_mix > 0 and passkey.min_length(tok) > cfg.block_size:
-        raise UserError(f"--passkey_mix: a passkey text needs {passkey.min_length(tok)} tokens with {tok.name}, "
-                        f"more than --block_size={cfg.block_size}")
+        raise UserError(f"--passkey_mix: a passkey text needs {passkey.min_length(tok)} tokens with "
+                        f"{tok.name}, more than --block_size={cfg.block_size}")
     splits, windows, fingerprint = load_data(cfg, place, tok, log)
     if start.fingerprint and start.fingerprint != fingerprint:
-        log(f"resume: the corpus {cfg.corpus} changed since this run started (fingerprint {start.fingerprint} -> "
-            f"{fingerprint}); the run goes on with the new data, so it is no longer an exact continuation")
+        log(f"resume: the corpus {cfg.corpus} changed since this run started (fingerprint "
+            f"{start.fingerprint} -> {fingerprint}); the run goes on with the new data, so it is no longer "
+            "an exact continuation")
     batch_gen = torch.Generator().manual_seed(cfg.seed + 1000 * place.rank)
     torch.manual_seed(cfg.seed + place.rank)  # dropout differs across processes
     if start.rng:
@@ -207,12 +209,13 @@ def start_run(cfg, place, log):
         log(f"tracking same-targets perplexity at {', '.join(map(fmt_length, cfg.tracked_lengths()))} on "
             f"{len(windows)} validation windows x {min(cfg.tracked_lengths() + [512])} targets")
     if cfg.passkey_mix > 0:
-        log(f"passkey: {cfg.passkey_mix:.0%} of training rows are passkey texts; {cfg.passkey_trials} trials at "
-            f"{cfg.block_size} at each evaluation")
+        log(f"passkey: {cfg.passkey_mix:.0%} of training rows are passkey texts; {cfg.passkey_trials} trials "
+            f"at {cfg.block_size} at each evaluation")
     if cfg.training_positions():
         log(f"positions: {cfg.positions} in training (evaluation: contiguous)")
-    record(run, event="start", iter=run.iter_num, config=dataclasses.asdict(cfg), params=start.model.num_params(),
-           world=place.world, init_from=run.source, data_fingerprint=fingerprint)
+    record(run, event="start", iter=run.iter_num, config=dataclasses.asdict(cfg),
+           params=start.model.num_params(), world=place.world, init_from=run.source,
+           data_fingerprint=fingerprint)
     return run
 
 
@@ -232,8 +235,10 @@ def load_data(cfg, place, tok, log):
             raise UserError(f"corpus {cfg.corpus}: the {name} split has {len(split):,} tokens, too few for "
                             f"--block_size={cfg.block_size}")
     lengths = cfg.tracked_lengths()
-    windows = pick_windows(splits["val"], max(lengths), min(lengths + [512]), cfg.eval_windows, "--eval_lengths") \
-        if lengths else []
+    windows = []
+    if lengths:
+        windows = pick_windows(splits["val"], max(lengths), min(lengths + [512]), cfg.eval_windows,
+                               "--eval_lengths")
     return splits, windows, splits["train"].fingerprint
 
 
@@ -292,8 +297,9 @@ def log_progress(run, loss, lr, dt, peak):
     """The progress line and its log record: loss, learning rate, speed, MFU (on a GPU we know), time left."""
     cfg = run.cfg
     mfu = run.raw_model.estimate_mfu(tokens_per_step(cfg), dt, peak) if peak else None
-    run.log(f"iter {run.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-            f"{tokens_per_step(cfg) / dt / 1000:.1f}k tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+    run.log(f"iter {run.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} "
+            f"ms/step | {tokens_per_step(cfg) / dt / 1000:.1f}k tok/s"
+            + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
             + f" | eta {fmt_time((cfg.max_iters - run.iter_num) * dt)}")
     record(run, event="train", iter=run.iter_num, loss=loss, lr=lr, ms_per_step=dt * 1000,
            tokens_per_s=tokens_per_step(cfg) / dt, mfu=mfu)
@@ -348,7 +354,8 @@ def long_context_checks(run):
         return {}, None
     with place.autocast():
         lengths = cfg.tracked_lengths()
-        ppl = {n: same_targets_perplexity(run.raw_model, run.splits["val"], run.windows, n, min(lengths + [512]),
+        target = min(lengths + [512])
+        ppl = {n: same_targets_perplexity(run.raw_model, run.splits["val"], run.windows, n, target,
                                           device=place.device)[0] for n in lengths}
         pk = passkey.score(run.raw_model, run.tok, cfg.block_size, cfg.passkey_trials, seed=cfg.seed,
                            device=place.device) if cfg.passkey_mix > 0 else None
@@ -359,9 +366,9 @@ def save_checkpoint(run, val_loss):
     """out_dir/ckpt.pt, through checkpoint.save_training (which refuses weights that are not finite)."""
     rng = {"batch": gather(run, run.batch_gen.get_state()), "torch": gather(run, torch.get_rng_state())}
     checkpoint.save_training(run.ckpt_path, run.raw_model, run.optimizer, run.place.main,
-                             train_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.name, iter=run.iter_num,
-                             val_loss=val_loss, rng=rng, init_from=run.source, data_fingerprint=run.fingerprint,
-                             passkey_reached=run.passkey_reached)
+                             train_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.name,
+                             iter=run.iter_num, val_loss=val_loss, rng=rng, init_from=run.source,
+                             data_fingerprint=run.fingerprint, passkey_reached=run.passkey_reached)
 
 
 def gather(run, obj):
@@ -399,7 +406,8 @@ def finish(run, val_loss, seconds, first_iter=0):
         summary["passkey_reached"] = run.passkey_reached
     record(run, event="end", **summary)
     steps = f"steps {first_iter}-{run.iter_num}" if first_iter else f"{run.iter_num} steps"
-    run.log(f"done: {steps} in {fmt_time(seconds)}" + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
+    run.log(f"done: {steps} in {fmt_time(seconds)}"
+            + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
             + (f"; passkey reached {run.cfg.passkey_stop} at step {run.passkey_reached}"
                if run.passkey_reached is not None else "") + f"; checkpoint {run.ckpt_path}")
     return summary

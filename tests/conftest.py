@@ -27,8 +27,10 @@ if os.environ.get("NANOCOCA_TEST_THREADS"):  # CI sets it; elsewhere torch uses 
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (.ci/gpu_check.sh runs them on a GPU)")
-    config.addinivalue_line("markers", "slow: seconds each (32K prefills, T = 4096, torchrun, bench, subprocesses); "
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (.ci/gpu_check.sh runs them on "
+                                       "a GPU)")
+    config.addinivalue_line("markers", "slow: seconds each (32K prefills, T = 4096, torchrun, bench, "
+                                       "subprocesses); "
                             "pytest -m 'not slow' leaves them out")
 
 

@@ -39,7 +39,8 @@ def randn(shape, seed, dtype, n=3, scale=1.0):
 
 
 def tiny_gpt(attention="coca", attn_impl="fast", seed=0, dtype=torch.float32, **kw):
-    cfg = dict(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, attention=attention, attn_impl=attn_impl)
+    cfg = dict(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, attention=attention,
+               attn_impl=attn_impl)
     cfg.update(kw)
     torch.manual_seed(seed)
     return GPT(GPTConfig(**cfg)).to(dtype).eval()
@@ -69,7 +70,8 @@ def run_main(script, *argv):
 
 def run_script(*argv, timeout=300):
     """Run one of the repository's scripts (or `-m module`) in a fresh interpreter."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 # A training run of a few seconds: one layer of width 32 on Shakespeare's bytes, 64-token windows.

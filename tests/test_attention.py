@@ -30,7 +30,8 @@ def row_scale_for(s, kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @given(s=attn_inputs(), scale=st.sampled_from(["none", "row", "head-row"]))
-@example(s=dict(B=1, H=1, T=150, D=128, offset=100_000, seed=1, scaling=parse_scaling("dynamic:4")), scale="none")
+@example(s=dict(B=1, H=1, T=150, D=128, offset=100_000, seed=1, scaling=parse_scaling("dynamic:4")),
+         scale="none")
 @example(s=dict(B=2, H=3, T=400, D=2, offset=99_999, seed=2, scaling=None), scale="head-row")
 def test_naive_equals_fast_forward_and_gradients(variant, dtype, s, scale):
     shape = (s["B"], s["H"], s["T"], s["D"])
@@ -56,7 +57,8 @@ def increasing_positions(B, T, seed, spread, start=0):
 
 
 @pytest.mark.parametrize("variant", ATTENTIONS)
-@given(s=attn_inputs(max_len=120), spread=st.integers(1, 300), scale=st.sampled_from(["none", "row", "head-row"]))
+@given(s=attn_inputs(max_len=120), spread=st.integers(1, 300),
+       scale=st.sampled_from(["none", "row", "head-row"]))
 def test_naive_equals_fast_at_any_increasing_positions(variant, s, spread, scale):
     """Training with position skips (--positions): every method takes positions (B, T), rotary ones through the
     rows of their tables at those positions, ALiBi through the differences; both paths agree."""
@@ -106,13 +108,15 @@ def test_alibi_flex_score_mod_equals_the_bias_matrix(scale):
     slopes = alibi_slopes(6).double()
     row_scale = row_scale_for(s, scale, torch.float64)
     got = alibi_flex(q, k, v, slopes, row_scale, kernel=flex_attention)
-    torch.testing.assert_close(got, attention("alibi", "naive", q, k, v, slopes=slopes, row_scale=row_scale), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, attention("alibi", "naive", q, k, v, slopes=slopes, row_scale=row_scale),
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_alibi_slopes_follow_the_paper():
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
     # not a power of two: the 4-head slopes, then every other slope of the 8-head sequence
-    torch.testing.assert_close(alibi_slopes(6), torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]))
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8,
+                                                              2.0 ** -1, 2.0 ** -3]))
     assert alibi_slopes(1).tolist() == [2.0 ** -8]
 
 
@@ -303,7 +307,8 @@ def test_yarn_keeps_fast_planes_and_interpolates_slow_ones():
     torch.testing.assert_close(yarn[0] ** 2 + yarn[1] ** 2, torch.full_like(yarn[0], factor ** 2))
 
 
-@pytest.mark.parametrize("variant", ["rope", "coca", "coca-slack", "phase-free", "coca-signed", "coca-slack-signed"])
+@pytest.mark.parametrize("variant",
+                         ["rope", "coca", "coca-slack", "phase-free", "coca-signed", "coca-slack-signed"])
 def test_yarn_multiplies_every_logit_by_the_square_of_its_factor(variant):
     """The attention factor sits on cos and sin, so query and key both carry it: logits scale by its square
     (a factor on the query alone, or on neither, fails this)."""

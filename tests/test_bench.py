@@ -8,7 +8,8 @@ from helpers import run_script
 
 @pytest.mark.slow
 def test_quick_bench_writes_its_json_schema(tmp_path):
-    out = run_script("-m", "nanococa.bench", "--quick", "--device=cpu", f"--out={tmp_path / 'b.json'}", timeout=600)
+    out = run_script("-m", "nanococa.bench", "--quick", "--device=cpu", f"--out={tmp_path / 'b.json'}",
+                     timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.load(open(tmp_path / "b.json"))
     assert set(res) == {"meta", "attention", "train", "generate", "copy_bandwidth_bytes_per_s"}
@@ -24,6 +25,7 @@ def test_quick_bench_writes_its_json_schema(tmp_path):
     assert {r["attention"] for r in res["train"]} == {"rope", "coca", "coca-slack", "alibi"}
     assert all(r["tokens_per_s"] > 0 and "tokens_per_s_ratio" in r for r in res["train"])
     for r in res["generate"]:
-        assert {"prefill_s", "decode_tokens_per_s", "bound_tokens_per_s", "fraction_of_bound", "decode_ratio"} <= set(r)
+        assert {"prefill_s", "decode_tokens_per_s", "bound_tokens_per_s", "fraction_of_bound",
+                "decode_ratio"} <= set(r)
     assert "| path | N |" in out.stdout
     assert "--quick sets lengths=128,256,512, heads=4" in out.stdout

@@ -15,15 +15,18 @@ from nanococa.model import ATTENTIONS, KVCache
 @given(prompt_len=st.integers(1, 70), chunk=st.integers(1, 32), steps=st.integers(0, 12),
        scaling=st.sampled_from(["none", "dynamic:4", "linear:2", "logn", "dynamic:4+logn", "yarn:4", "yarn:dynamic",
                                 "yarn:dynamic+logn"]), seed=st.integers(0, 1000))
-def test_cached_generation_equals_one_full_forward(variant, attn_scale, prompt_len, chunk, steps, scaling, seed):
-    model = tiny_gpt(variant, dtype=torch.float64, block_size=16, attn_scale=attn_scale)  # NTK and logn act past 16
+def test_cached_generation_equals_one_full_forward(variant, attn_scale, prompt_len, chunk, steps, scaling,
+                                                   seed):
+    model = tiny_gpt(variant, dtype=torch.float64, block_size=16,
+                     attn_scale=attn_scale)  # NTK and logn act past 16
     scaling = parse_scaling(scaling)
     g = torch.Generator().manual_seed(seed)
     total = prompt_len + steps
     idx = torch.randint(0, 61, (2, total), generator=g)
     full = model(idx, scaling=scaling)[0]  # dynamic NTK sized for the whole sequence
     cache = KVCache(model.config, 2, total, dtype=torch.float64, scaling=scaling)
-    pieces = [model(idx[:, s:min(s + chunk, prompt_len)], cache=cache)[0] for s in range(0, prompt_len, chunk)]
+    pieces = [model(idx[:, s:min(s + chunk, prompt_len)],
+                    cache=cache)[0] for s in range(0, prompt_len, chunk)]
     pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, total)]  # one token at a time
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
 
@@ -68,12 +71,14 @@ PROBE_32K = """
 import json, resource, sys, time, torch
 from nanococa.model import GPT, GPTConfig, Scaling
 torch.manual_seed(0)
-model = GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=2, n_head=4, n_embd=128, attention=sys.argv[1])).eval()
+model = GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=2, n_head=4, n_embd=128,
+                      attention=sys.argv[1])).eval()
 prompt = torch.randint(0, 257, (1, 32768))
 t0 = time.perf_counter()
 out = model.generate(prompt, 16, temperature=0, scaling=Scaling("dynamic", 4.0))
 dt = time.perf_counter() - t0
-print(json.dumps(dict(shape=list(out.shape), seconds=dt, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+print(json.dumps(dict(shape=list(out.shape), seconds=dt,
+                      peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
 """
 
 

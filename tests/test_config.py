@@ -11,8 +11,10 @@ from nanococa.tokenizer import TOKENIZERS, VOCAB_SIZES, get_tokenizer
 
 
 def test_defaults_and_overrides():
-    cfg = make_config(["--max_iters=5", "--attention=rope", "--compile=false", "--resume", "--learning_rate=1e-3"])
-    assert (cfg.preset, cfg.max_iters, cfg.attention, cfg.compile, cfg.resume) == ("shakespeare-cpu", 5, "rope", False, True)
+    cfg = make_config(["--max_iters=5", "--attention=rope", "--compile=false", "--resume",
+                       "--learning_rate=1e-3"])
+    assert (cfg.preset, cfg.max_iters, cfg.attention, cfg.compile,
+            cfg.resume) == ("shakespeare-cpu", 5, "rope", False, True)
     assert cfg.learning_rate == 1e-3
 
 
@@ -22,7 +24,8 @@ def test_every_model_field_is_an_option_and_model_args_come_from_gptconfig():
     cfg = make_config(["--rope_base=500000", "--attn_impl=naive", "--attn_scale=ssmax", "--attention=alibi"])
     args = cfg.model_args()
     assert set(args) == model_fields
-    assert (args["rope_base"], args["attn_impl"], args["attn_scale"], args["attention"]) == (500000.0, "naive", "ssmax", "alibi")
+    assert (args["rope_base"], args["attn_impl"], args["attn_scale"],
+            args["attention"]) == (500000.0, "naive", "ssmax", "alibi")
     assert GPTConfig(**args).attention == "alibi"
 
 
@@ -37,7 +40,8 @@ def test_vocab_size_comes_from_the_tokenizer(tokenizer):
 
 def test_presets_set_defaults_that_overrides_replace():
     cfg = make_config(["--preset=pycode-gpu", "--batch_size=4"])
-    assert (cfg.corpus, cfg.tokenizer, cfg.n_layer, cfg.n_embd, cfg.batch_size) == ("pycode", "gpt2", 6, 384, 4)
+    assert (cfg.corpus, cfg.tokenizer, cfg.n_layer, cfg.n_embd,
+            cfg.batch_size) == ("pycode", "gpt2", 6, 384, 4)
     assert make_config(["--preset=gpt2-small"]).n_embd == 768
     cpu = make_config(["--preset=pycode-cpu"])
     assert (cpu.corpus, cpu.tokenizer, cpu.n_embd, cpu.block_size) == ("pycode", "bytes", 128, 512)

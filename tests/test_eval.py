@@ -55,7 +55,8 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_windows():
     for units in (few, many):
         lo, hi = evaluate.bootstrap_interval(units)
         assert lo < math.exp(sum(units) / len(units)) < hi
-    assert (lambda a, b: a[1] - a[0] > b[1] - b[0])(evaluate.bootstrap_interval(few), evaluate.bootstrap_interval(many))
+    assert (lambda a, b: a[1] - a[0] > b[1] - b[0])(evaluate.bootstrap_interval(few),
+                                                    evaluate.bootstrap_interval(many))
     assert evaluate.bootstrap_interval([1.0]) == (None, None)  # one unit: no interval, not a zero-width one
 
 
@@ -150,7 +151,8 @@ def test_curves_plot_reads_training_logs(tmp_path):
 def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
     save_tiny_checkpoint(tmp_path / "a")
     save_tiny_checkpoint(tmp_path / "b", tokenizer="gpt2", vocab_size=50304)
-    code, _, err = run_main("eval_length", "--ckpt", tmp_path / "a", tmp_path / "b", f"--out-dir={tmp_path / 'res'}")
+    code, _, err = run_main("eval_length", "--ckpt", tmp_path / "a", tmp_path / "b",
+                            f"--out-dir={tmp_path / 'res'}")
     assert code == 2 and "different tokenizers" in err
 
 
@@ -174,10 +176,12 @@ def test_eval_length_script_clear_errors(argv, words):
 
 
 def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
-    common = ["--lengths", "64,128", "--target=32", "--windows=2", "--scalings=none", f"--data_dir={tmp_path / 'data'}"]
+    common = ["--lengths", "64,128", "--target=32", "--windows=2", "--scalings=none",
+              f"--data_dir={tmp_path / 'data'}"]
     for name in ("a", "b"):
         save_tiny_checkpoint(tmp_path / name, block_size=64, seed=ord(name))
-        assert run_main("eval_length", "--ckpt", tmp_path / name, *common, f"--out_dir={tmp_path / ('r' + name)}")[0] == 0
+        assert run_main("eval_length", "--ckpt", tmp_path / name, *common,
+                        f"--out_dir={tmp_path / ('r' + name)}")[0] == 0
     code, out, err = run_main("nanococa.report", "merge", tmp_path / "ra", tmp_path / "rb",
                               f"--out_dir={tmp_path / 'all'}")
     assert code == 0, err
@@ -185,7 +189,8 @@ def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
     assert {r["checkpoint"] for r in rows} == {str(tmp_path / "a"), str(tmp_path / "b")} and len(rows) == 4
     assert run_main("eval_length", "--ckpt", tmp_path / "a", "--lengths", "64", "--target=32", "--windows=2",
                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'rc'}")[0] == 0
-    code, _, err = run_main("nanococa.report", "merge", tmp_path / "ra", tmp_path / "rc", f"--out_dir={tmp_path / 'x'}")
+    code, _, err = run_main("nanococa.report", "merge", tmp_path / "ra", tmp_path / "rc",
+                            f"--out_dir={tmp_path / 'x'}")
     assert code == 2 and "another lengths" in err
 
 
@@ -195,7 +200,8 @@ def test_merge_refuses_passkey_measured_with_another_trial_count(tmp_path):
         assert run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300", f"--passkey_trials={trials}",
                         "--scalings=none", "--target=32", "--windows=1", f"--out_dir={tmp_path / str(trials)}",
                         f"--data_dir={tmp_path / 'data'}")[0] == 0
-    code, _, err = run_main("nanococa.report", "merge", tmp_path / "2", tmp_path / "3", f"--out_dir={tmp_path / 'x'}")
+    code, _, err = run_main("nanococa.report", "merge", tmp_path / "2", tmp_path / "3",
+                            f"--out_dir={tmp_path / 'x'}")
     assert code == 2 and err.startswith("error: ") and "another passkey_trials" in err, err
     assert not (tmp_path / "x" / "results.json").exists()
 
@@ -279,5 +285,6 @@ def test_profile_prints_and_writes_each_heads_roles(tmp_path):
     assert code == 0, err
     heads = json.load(open(tmp_path / "p" / "profile.json"))["heads"][str(tmp_path / "m")]
     assert (tmp_path / "p" / "results.json").exists()  # the profile comes with the evaluation, not instead of it
-    assert {k: (len(v), len(v[0])) for k, v in heads.items()} == {k: (2, 2) for k in heads} and len(heads) == 3
+    assert {k: (len(v), len(v[0])) for k,
+            v in heads.items()} == {k: (2, 2) for k in heads} and len(heads) == 3
     assert "| induction |" in out and f"| {tmp_path / 'm'} (coca) | 1 |" in out

@@ -133,7 +133,8 @@ def test_resume_refuses_a_different_model_and_reports_what_may_change(tmp_path, 
         with pytest.raises(UserError) as e:
             run(tmp_path, data_dir, "--max_iters=4", "--resume", bad)
         assert name in str(e.value) and "there" in str(e.value), str(e.value)
-    _, lines = run(tmp_path, data_dir, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3", "--resume")
+    _, lines = run(tmp_path, data_dir, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3",
+                   "--resume")
     assert "resume: max_iters 2 -> 4" in lines and "resume: learning_rate 0.002 -> 0.001" in lines
     saved = checkpoint.load(tmp_path)
     assert saved["iter"] == 4 and saved["train_config"]["max_iters"] == 4 and saved["train_config"]["learning_rate"] == 1e-3
@@ -170,7 +171,8 @@ def test_a_short_validation_split_is_found_before_training(tmp_path):
 def test_an_out_dir_that_is_a_file_fails_before_data_preparation(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(UserError, match="is a file"):
-        train(make_config([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'd'}"]), log=lambda *a: None)
+        train(make_config([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'd'}"]),
+              log=lambda *a: None)
     assert not os.path.exists(tmp_path / "d")
 
 
@@ -239,7 +241,8 @@ from nanococa.errors import run_script
 from nanococa.tokenizer import get_tokenizer
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
-run_script(lambda argv: data.prepare(argv[0], get_tokenizer("bytes"), argv[1], log=lambda *a: None), sys.argv[1:])
+run_script(lambda argv: data.prepare(argv[0], get_tokenizer("bytes"), argv[1], log=lambda *a: None),
+           sys.argv[1:])
 """
 
 
@@ -351,7 +354,8 @@ def test_a_full_disk_while_results_are_written_is_one_line_and_keeps_the_old_fil
     from nanococa import report
     report.write_outputs(eval_rows(), {}, str(tmp_path), plot=False)
     before = open(tmp_path / "results.json").read()
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(os, "fsync",
+                        lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(UserError, match="disk is full"):
         report.write_outputs(eval_rows() * 2, {}, str(tmp_path), plot=False)
     monkeypatch.undo()
@@ -411,7 +415,8 @@ def test_a_damaged_checkpoint_is_one_line_in_every_script(tmp_path, data_dir, da
         ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
         checkpoint.save(ckpt, str(path))
     argv = {"sample": ["sample", f"--ckpt={path}", "--max_new_tokens=2"],
-            "eval_length": ["eval_length", "--ckpt", path, f"--out_dir={tmp_path / 'r'}", "--lengths=64", "--target=32"],
+            "eval_length": ["eval_length", "--ckpt", path, f"--out_dir={tmp_path / 'r'}", "--lengths=64",
+                            "--target=32"],
             "train-init_from": ["train", *MICRO, f"--init_from={path}", f"--out_dir={tmp_path / 'new'}",
                                 f"--data_dir={data_dir}"],
             "train-resume": ["train", *MICRO, "--resume", f"--out_dir={tmp_path / 'src'}", f"--data_dir={data_dir}",
@@ -461,7 +466,8 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_old_checkpoint(
     with pytest.raises(UserError, match="disk full"):
         checkpoint.save({"model": {"w": torch.zeros(3)}, "model_args": {}, "tokenizer": "bytes"}, path)
     monkeypatch.undo()
-    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3)) and os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.equal(checkpoint.load(path)["model"]["w"],
+                       torch.ones(3)) and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 SAVE_ON_A_FULL_DISK = """
@@ -500,7 +506,8 @@ def test_sample_inputs_that_cannot_work_are_one_line(tmp_path, argv, words):
 
 def test_a_top_p_that_rounds_to_zero_samples_the_most_likely_token(tmp_path):
     save_tiny_checkpoint(tmp_path, block_size=16)
-    code, out, err = run_main("sample", f"--ckpt={tmp_path}", "--top_p=1e-300", "--max_new_tokens=5", "--prompt=ab")
+    code, out, err = run_main("sample", f"--ckpt={tmp_path}", "--top_p=1e-300", "--max_new_tokens=5",
+                              "--prompt=ab")
     greedy = run_main("sample", f"--ckpt={tmp_path}", "--temperature=0", "--max_new_tokens=5", "--prompt=ab")
     assert code == 0 and out == greedy[1], err
 
@@ -514,7 +521,8 @@ def test_curves_skip_bad_lines_with_a_warning_and_refuse_mixed_corpora(tmp_path)
         (tmp_path / name / "log.jsonl").write_text("\n".join(lines) + "\n")
     code, out, err = run_main("nanococa.report", "curves", tmp_path / "a", f"--out_dir={tmp_path / 'r'}")
     assert code == 0 and "skipped line(s) 2, 3, 4" in err and "step 10" in out
-    code, _, err = run_main("nanococa.report", "curves", tmp_path / "a", tmp_path / "b", f"--out_dir={tmp_path / 'r2'}")
+    code, _, err = run_main("nanococa.report", "curves", tmp_path / "a", tmp_path / "b",
+                            f"--out_dir={tmp_path / 'r2'}")
     assert code == 2 and "different corpora" in err
 
 
@@ -543,7 +551,8 @@ def test_a_corpus_with_bytes_that_are_not_utf8_says_how_many(tmp_path):
 
 def test_resume_after_the_corpus_changed_says_it_is_no_longer_exact(tmp_path):
     name = corpus(tmp_path)
-    run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=2", "--eval_interval=2", "--block_size=32")
+    run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=2", "--eval_interval=2",
+        "--block_size=32")
     with open(tmp_path / "src" / "f00.txt", "a") as f:
         f.write("more text")
     _, lines = run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=3", "--eval_interval=3",
@@ -565,7 +574,9 @@ def test_misleading_lines_now_say_what_is_meant(tmp_path, data_dir):
         run(tmp_path, data_dir, "--eval_lengths=512,1000K")
     with pytest.raises(UserError, match="neither a regular file nor a folder"):
         data.load_docs("text:/dev/null")
-    assert make_config(["--attention=alibi", "--n_embd=30", "--n_head=2"]).attention == "alibi"  # ALiBi: odd is fine
+    assert make_config(["--attention=alibi", "--n_embd=30",
+                        "--n_head=2"]).attention == "alibi"  # ALiBi: odd is fine
     save_tiny_checkpoint(tmp_path / "alibi", attention="alibi", block_size=16)
-    code, _, err = run_main("sample", f"--ckpt={tmp_path / 'alibi'}", "--scaling=dynamic:4+logn", "--max_new_tokens=2")
+    code, _, err = run_main("sample", f"--ckpt={tmp_path / 'alibi'}", "--scaling=dynamic:4+logn",
+                            "--max_new_tokens=2")
     assert code == 0 and "ALiBi has no rotary" in err and "logn still applies" in err

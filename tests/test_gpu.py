@@ -15,11 +15,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_cuda_fast_path_matches_the_float64_naive_path(variant, dtype, tol):
     shape = (2, 4, 1000, 64)
     q, t, v = randn(shape, 0, torch.float64)
-    rot = rotary_cos_sin(3000, 1000, 64, scaling=parse_scaling("dynamic:4"), train_len=512, dtype=torch.float64)
+    rot = rotary_cos_sin(3000, 1000, 64, scaling=parse_scaling("dynamic:4"), train_len=512,
+                         dtype=torch.float64)
     slopes = alibi_slopes(4).double()
     ref = attention(variant, "naive", q, t, v, rot=rot, slopes=slopes)
     rot_c = tuple(x.cuda().to(dtype) for x in rot)
-    got = attention(variant, "fast", *(x.cuda().to(dtype) for x in (q, t, v)), rot=rot_c, slopes=slopes.cuda().to(dtype))
+    got = attention(variant, "fast", *(x.cuda().to(dtype) for x in (q, t, v)), rot=rot_c,
+                    slopes=slopes.cuda().to(dtype))
     err = (got.double().cpu() - ref).abs().max() / ref.abs().max()
     assert err < tol, f"relative error {err:.2e}"
 
@@ -55,7 +57,8 @@ def test_32k_forward_backward_memory_is_linear(variant):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    attention(variant, "fast", q, t, v, rot=rot, slopes=alibi_slopes(12).cuda().to(torch.bfloat16)).sum().backward()
+    attention(variant, "fast", q, t, v, rot=rot,
+              slopes=alibi_slopes(12).cuda().to(torch.bfloat16)).sum().backward()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 2 * 2**30, f"peak {peak / 2**30:.2f} GiB; one 32K x 32K bf16 score matrix per head is 24 GiB"
 

@@ -20,7 +20,8 @@ def test_compiled_flex_attention_alibi_equals_the_naive_path(scale):
     FlexAttention has no backward on CPU, so its gradients are checked on CUDA (test_gpu.py)."""
     q, k, v = randn((2, 4, 256, 32), 11, torch.float32)
     slopes = alibi_slopes(4)
-    row_scale = (0.5 + torch.rand(1, 4, 256, 1, generator=torch.Generator().manual_seed(1))) if scale else None
+    row_scale = (0.5 + torch.rand(1, 4, 256, 1,
+                                  generator=torch.Generator().manual_seed(1))) if scale else None
     got = alibi_flex(q, k, v, slopes, row_scale)  # compiled_flex(): torch.compile(flex_attention)
     ref = attention("alibi", "naive", q.double(), k.double(), v.double(), slopes=slopes.double(),
                     row_scale=None if row_scale is None else row_scale.double())
@@ -80,7 +81,8 @@ def test_the_compiled_model_equals_eager_loss_and_gradients(variant):
     for model in (eager, compiled):
         _, loss = model(idx, idx)
         loss.backward()
-        results.append((loss.detach(), [p.grad for p in (model._orig_mod if model is compiled else model).parameters()]))
+        results.append((loss.detach(),
+                        [p.grad for p in (model._orig_mod if model is compiled else model).parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for g, g_eager in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-5)

@@ -52,7 +52,8 @@ def layer_inputs_and_outputs(model):
     seen = {}
     for i, a in enumerate(hf.attention_layers(model)):
         for name in ("q_proj", "k_proj", "v_proj"):
-            a.get_submodule(name).register_forward_hook(lambda m, inp, out, i=i, n=name: seen.__setitem__((i, n), out))
+            a.get_submodule(name).register_forward_hook(lambda m, inp, out, i=i,
+                                                        n=name: seen.__setitem__((i, n), out))
         a.o_proj.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__((i, "attn"), inp[0]))
     return seen
 
@@ -117,7 +118,8 @@ def byte_level_tokenizer():
 
 
 def test_models_it_cannot_convert_are_one_clear_error():
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2,
+                                                                vocab_size=50))
     with pytest.raises(UserError, match="cannot be converted.*Llama family"):
         hf.convert(gpt2)
     model = hf.convert(tiny())
@@ -174,7 +176,8 @@ def test_a_drop_in_trains_through_train_py_resumes_exactly_and_loads_alone(sourc
     init = [f"--init_from=hf:{source}", "--attention=coca"]
     hf_train(tmp_path / "full", data_dir, *init, "--max_iters=12", "--eval_interval=6")
     hf_train(tmp_path / "split", data_dir, *init, "--max_iters=6", "--eval_interval=6")
-    hf_train(tmp_path / "split", data_dir, "--attention=coca", "--max_iters=12", "--eval_interval=6", "--resume")
+    hf_train(tmp_path / "split", data_dir, "--attention=coca", "--max_iters=12", "--eval_interval=6",
+             "--resume")
     full, split = losses_of(tmp_path / "full"), losses_of(tmp_path / "split")
     assert [split[i] for i in range(7, 13)] == [full[i] for i in range(7, 13)]
     assert sum(full[i] for i in range(10, 13)) / 3 < full[1] - 0.3, full
@@ -228,7 +231,8 @@ def test_a_learning_rate_that_diverges_stops_the_drop_in_and_keeps_its_checkpoin
     hf_train(tmp_path, data_dir, f"--init_from=hf:{source}", "--max_iters=2", "--eval_interval=2")
     good = open(tmp_path / "ckpt.pt", "rb").read()
     with pytest.raises(UserError, match="not finite.*keeps the last good checkpoint"):
-        hf_train(tmp_path, data_dir, "--resume", "--max_iters=30", "--learning_rate=1e30", "--eval_interval=30")
+        hf_train(tmp_path, data_dir, "--resume", "--max_iters=30", "--learning_rate=1e30",
+                 "--eval_interval=30")
     assert open(tmp_path / "ckpt.pt", "rb").read() == good
 
 
@@ -314,7 +318,8 @@ def test_smollm2_loads_converts_trains_and_generates():
     assert out.shape == (1, ids.size(1) + 5)
 
 
-@pytest.mark.parametrize("D, base, s, L", [(64, 10000.0, 8.0, 512), (32, 10000.0, 32.0, 512), (64, 500000.0, 4.0, 8192)])
+@pytest.mark.parametrize("D, base, s, L",
+                         [(64, 10000.0, 8.0, 512), (32, 10000.0, 32.0, 512), (64, 500000.0, 4.0, 8192)])
 def test_yarn_equals_hugging_faces_yarn_rope_type(D, base, s, L):
     """The model file's YaRN frequencies and attention factor against transformers' own "yarn" rope type."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -160,7 +160,8 @@ def test_outputs_depend_on_positions_only_through_their_differences(variant, T, 
     idx = torch.randint(0, 61, (2, T), generator=g)
     pos = torch.randint(1, 300, (2, T), generator=g).cumsum(-1)
     moved = pos + torch.tensor(shifts)[:, None]
-    torch.testing.assert_close(model(idx, positions=pos)[0], model(idx, positions=moved)[0], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(model(idx, positions=pos)[0], model(idx, positions=moved)[0], rtol=1e-8,
+                               atol=1e-8)
 
 
 def sharp_gpt(variant):

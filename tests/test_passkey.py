@@ -112,7 +112,8 @@ def test_one_pass_scoring_equals_greedy_decoding_with_the_cache(variant):
 
 
 def test_training_with_the_mix_logs_passkey_accuracy_and_resumes_exactly(tmp_path, data_dir):
-    base = ["--block_size=300", "--passkey_mix=0.5", "--passkey_trials=4", "--eval_interval=3", "--lr_decay_iters=6"]
+    base = ["--block_size=300", "--passkey_mix=0.5", "--passkey_trials=4", "--eval_interval=3",
+            "--lr_decay_iters=6"]
     train_micro(tmp_path / "full", data_dir, *base, "--max_iters=6")
     train_micro(tmp_path / "split", data_dir, *base, "--max_iters=3")
     train_micro(tmp_path / "split", data_dir, *base, "--max_iters=6", "--resume")

@@ -37,7 +37,8 @@ def test_prompt_from_the_validation_split(ckpt, tmp_path):
     (["--ckpt=/no/such/dir"], ["no checkpoint"]),
     (["--prompt="], ["prompt is empty"]),
     (["--prompt=abcdef", "--max_new_tokens=10", "--max_context=12"], ["exceeds --max_context=12"]),
-    (["--prompt=abcdef", "--max-new-tokens=10", "--max-context=12"], ["exceeds --max_context=12"]),  # dashes too
+    (["--prompt=abcdef", "--max-new-tokens=10", "--max-context=12"],
+     ["exceeds --max_context=12"]),  # dashes too
     (["--temperature=-1"], ["--temperature"]),
     (["--temperature=nan"], ["--temperature", "finite"]),
     (["--temperature=inf"], ["--temperature", "finite"]),

@@ -128,7 +128,8 @@ def rope_run(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("attention, attn_scale", [("coca", "none"), ("coca-slack", "none"), ("alibi", "none"),
                                                    ("coca", "ssmax"), ("rope", "none")])
-def test_init_from_keeps_every_weight_and_adds_only_ssmax(tmp_path, data_dir, rope_run, attention, attn_scale):
+def test_init_from_keeps_every_weight_and_adds_only_ssmax(tmp_path, data_dir, rope_run, attention,
+                                                          attn_scale):
     run(tmp_path, data_dir, f"--init_from={rope_run}", f"--attention={attention}", f"--attn_scale={attn_scale}",
         "--max_iters=0")
     src, new = checkpoint.load(rope_run), checkpoint.load(tmp_path)
@@ -173,7 +174,8 @@ def test_training_with_position_skips_runs_and_resumes_exactly(tmp_path, data_di
     contiguous run (attention is near uniform at initialisation), and the runs part from there."""
     run(tmp_path / "full", data_dir, "--max_iters=8", "--eval_interval=4", f"--positions={positions}")
     run(tmp_path / "split", data_dir, "--max_iters=4", "--eval_interval=4", f"--positions={positions}")
-    run(tmp_path / "split", data_dir, "--max_iters=8", "--eval_interval=4", f"--positions={positions}", "--resume")
+    run(tmp_path / "split", data_dir, "--max_iters=8", "--eval_interval=4", f"--positions={positions}",
+        "--resume")
     full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert [split[i] for i in range(5, 9)] == [full[i] for i in range(5, 9)]
     plain = train_losses(run(tmp_path / "plain", data_dir, "--max_iters=8", "--eval_interval=4")["out_dir"])
