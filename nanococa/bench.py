@@ -122,9 +122,9 @@ def bench_attention(args, device, dtype, log):
             if r2:
                 row.update(fwdbwd_ms=r2[0], fwdbwd_peak_mib=r2[1])
             rows.append(row)
-            fwd = f"fwd {row['fwd_ms']:9.2f} ms" if "fwd_ms" in row else ""
-            fwdbwd = f"  fwd+bwd {row['fwdbwd_ms']:9.2f} ms" if "fwdbwd_ms" in row else ""
-            log(f"  attention N={N:>6} {name:<16} {fwd}{fwdbwd}  {row['status']}")
+            times = (f"fwd {row['fwd_ms']:9.2f} ms" if "fwd_ms" in row else "") + \
+                (f"  fwd+bwd {row['fwdbwd_ms']:9.2f} ms" if "fwdbwd_ms" in row else "")
+            log(f"  attention N={N:>6} {name:<16} {times}  {row['status']}")
         del q, t, v, grad
     for row in rows:  # ratios to rope-fast at the same N
         ref = next(r for r in rows if r["path"] == "rope-fast" and r["N"] == row["N"])

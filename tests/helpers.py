@@ -29,8 +29,8 @@ def attn_inputs(draw, max_len=300, max_elems=3_000_000):
     D = 2 * draw(st.integers(1, 64))
     B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     T = draw(st.integers(1, max(1, min(max_len, int((max_elems / (B * H * D)) ** 0.5)))))
-    return dict(B=B, H=H, T=T, D=D, offset=draw(st.integers(0, 100_000)), seed=draw(st.integers(0, 2**31 - 1)),
-                scaling=draw(st.sampled_from(ROTARY_SCALINGS)))
+    return dict(B=B, H=H, T=T, D=D, offset=draw(st.integers(0, 100_000)),
+                seed=draw(st.integers(0, 2**31 - 1)), scaling=draw(st.sampled_from(ROTARY_SCALINGS)))
 
 
 def randn(shape, seed, dtype, n=3, scale=1.0):
@@ -55,8 +55,8 @@ def save_tiny_checkpoint(folder, tokenizer="bytes", corpus="shakespeare", **kw):
 
 
 def run_main(script, *argv):
-    """A script's main(argv) through errors.run_script in this process, as `python script.py argv` would run it
-    but without a new interpreter: (exit status, stdout, stderr). An unexpected exception propagates."""
+    """A script's main(argv) through errors.run_script in this process, as `python script.py argv` would run
+    it but without a new interpreter: (exit status, stdout, stderr). An unexpected exception propagates."""
     module = importlib.import_module(script)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -80,7 +80,8 @@ MICRO = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch
 
 
 def train_micro(out_dir, data_dir, *extra, log=None):
-    """train.py's job with MICRO sizes into out_dir (the corpus cached in data_dir): (summary, printed lines)."""
+    """train.py's job with MICRO sizes into out_dir (the corpus cached in data_dir): (summary, printed lines).
+    """
     lines = []
     summary = train(make_config(MICRO + [f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra]),
                     log=log or lines.append)

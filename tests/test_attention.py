@@ -8,7 +8,8 @@ from hypothesis import example, given, strategies as st
 from helpers import TOL, attn_inputs, randn
 from nanococa.common import parse_scaling
 from nanococa.model import (ATTENTIONS, NAIVE_SCORES, Scaling, alibi_flex, alibi_scores_naive, alibi_sdpa,
-                            alibi_slopes, attention, coca_keys_literal, coca_scores_naive, flex_attention, half_mean,
+                            alibi_slopes, attention, coca_keys_literal, coca_scores_naive, flex_attention,
+                            half_mean,
                             log_key_count, logn_scale, rope_scores_naive, rotary_at, rotary_cos_sin, rotate,
                             slack_scores_naive, tau_of)
 
@@ -60,8 +61,8 @@ def increasing_positions(B, T, seed, spread, start=0):
 @given(s=attn_inputs(max_len=120), spread=st.integers(1, 300),
        scale=st.sampled_from(["none", "row", "head-row"]))
 def test_naive_equals_fast_at_any_increasing_positions(variant, s, spread, scale):
-    """Training with position skips (--positions): every method takes positions (B, T), rotary ones through the
-    rows of their tables at those positions, ALiBi through the differences; both paths agree."""
+    """Training with position skips (--positions): every method takes positions (B, T), rotary ones through
+    the rows of their tables at those positions, ALiBi through the differences; both paths agree."""
     shape = (s["B"], s["H"], s["T"], s["D"])
     pos = increasing_positions(s["B"], s["T"], s["seed"], spread, start=s["offset"] % 5000)
     rot, slopes = rotary_at(pos, s["D"], dtype=torch.float64), alibi_slopes(s["H"]).double()
@@ -122,8 +123,8 @@ def test_alibi_slopes_follow_the_paper():
 
 @pytest.mark.parametrize("impl", ["naive", "fast"])
 def test_alibi_weights_decay_geometrically_with_distance(impl):
-    """With q = 0 the content term vanishes, so key n gets weight proportional to exp(-slope (m - n)):
-    each step back multiplies it by exp(-slope). Catches a flipped sign or a misplaced slope in either path."""
+    """With q = 0 the content term vanishes, so key n gets weight proportional to exp(-slope (m - n)): each
+    step back multiplies it by exp(-slope). Catches a flipped sign or a misplaced slope in either path."""
     H, T = 4, 12
     q = torch.zeros(1, H, T, 8, dtype=torch.float64)
     k = torch.randn(1, H, T, 8, dtype=torch.float64)
@@ -175,8 +176,8 @@ def test_shift_invariance_of_strict_and_rope(variant, impl, s, shift):
     q, t, v = randn(shape, s["seed"], torch.float64)
     r0 = rotary_cos_sin(s["offset"], s["T"], s["D"], dtype=torch.float64)
     r1 = rotary_cos_sin(s["offset"] + shift, s["T"], s["D"], dtype=torch.float64)
-    torch.testing.assert_close(attention(variant, impl, q, t, v, rot=r0), attention(variant, impl, q, t, v, rot=r1),
-                               rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(attention(variant, impl, q, t, v, rot=r0),
+                               attention(variant, impl, q, t, v, rot=r1), rtol=1e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -249,8 +250,8 @@ def test_without_the_relu_a_far_key_can_outscore_the_nearest():
     for signed, far_wins in ((True, True), (False, False)):
         last = coca_scores_naive(q, t, rot, signed)[0, 0, -1]
         assert bool(last[0] > last[-1]) == far_wins, (signed, last)
-    torch.testing.assert_close(coca_scores_naive(q, t, rot, True)[0, 0, -1, 0], torch.tensor(-math.cos(3) / 2 ** 0.5,
-                               dtype=torch.float64))
+    expected = torch.tensor(-math.cos(3) / 2 ** 0.5, dtype=torch.float64)
+    torch.testing.assert_close(coca_scores_naive(q, t, rot, True)[0, 0, -1, 0], expected)
 
 
 def test_rotation_preserves_norm_and_composes():
@@ -267,10 +268,10 @@ def test_rotation_preserves_norm_and_composes():
 # --- YaRN (Peng et al. 2023, as Hugging Face's "yarn" rope type) ---
 
 def yarn_reference(D, base, s, train_len):
-    """Per plane, with nothing from the model file: (theta'_j list, attention factor). A plane keeps theta_j when
-    it turns more than 32 times over the training length, gets theta_j / s when it turns less than once, and in
-    between mixes the two by a weight linear in j from floor(j_32) to ceil(j_1), where j_r is the (fractional)
-    plane that turns r times: train_len * base^(-2 j / D) = 2 pi r."""
+    """Per plane, with nothing from the model file: (theta'_j list, attention factor). A plane keeps theta_j
+    when it turns more than 32 times over the training length, gets theta_j / s when it turns less than once,
+    and in between mixes the two by a weight linear in j from floor(j_32) to ceil(j_1), where j_r is the
+    (fractional) plane that turns r times: train_len * base^(-2 j / D) = 2 pi r."""
     def plane(r):
         return D * math.log(train_len / (2 * math.pi * r)) / (2 * math.log(base))
     lo, hi = max(math.floor(plane(32)), 0), min(math.ceil(plane(1)), D - 1)
@@ -326,8 +327,8 @@ def test_dynamic_yarn_is_a_no_op_inside_the_training_window_and_yarn_at_length_o
     plain = rotary_cos_sin(0, 64, 16, dtype=torch.float64)
     dyn = rotary_cos_sin(0, 64, 16, scaling=Scaling("yarn-dynamic"), train_len=64, dtype=torch.float64)
     assert all(torch.equal(a, b) for a, b in zip(plain, dyn))
-    assert all(torch.equal(a, b) for a, b in zip(plain, rotary_cos_sin(0, 64, 16, scaling=Scaling("yarn", 1.0),
-                                                                        train_len=64, dtype=torch.float64)))
+    yarn_one = rotary_cos_sin(0, 64, 16, scaling=Scaling("yarn", 1.0), train_len=64, dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(plain, yarn_one))
     long = rotary_cos_sin(0, 200, 16, scaling=Scaling("yarn-dynamic"), train_len=64, dtype=torch.float64)
     static = rotary_cos_sin(0, 200, 16, scaling=Scaling("yarn", 200 / 64), train_len=64, dtype=torch.float64)
     assert all(torch.equal(a, b) for a, b in zip(long, static))

@@ -13,8 +13,8 @@ from nanococa.model import ATTENTIONS, KVCache
 @pytest.mark.parametrize("attn_scale", ["none", "ssmax"])
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @given(prompt_len=st.integers(1, 70), chunk=st.integers(1, 32), steps=st.integers(0, 12),
-       scaling=st.sampled_from(["none", "dynamic:4", "linear:2", "logn", "dynamic:4+logn", "yarn:4", "yarn:dynamic",
-                                "yarn:dynamic+logn"]), seed=st.integers(0, 1000))
+       scaling=st.sampled_from(["none", "dynamic:4", "linear:2", "logn", "dynamic:4+logn", "yarn:4",
+                                "yarn:dynamic", "yarn:dynamic+logn"]), seed=st.integers(0, 1000))
 def test_cached_generation_equals_one_full_forward(variant, attn_scale, prompt_len, chunk, steps, scaling,
                                                    seed):
     model = tiny_gpt(variant, dtype=torch.float64, block_size=16,
@@ -27,7 +27,7 @@ def test_cached_generation_equals_one_full_forward(variant, attn_scale, prompt_l
     cache = KVCache(model.config, 2, total, dtype=torch.float64, scaling=scaling)
     pieces = [model(idx[:, s:min(s + chunk, prompt_len)],
                     cache=cache)[0] for s in range(0, prompt_len, chunk)]
-    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, total)]  # one token at a time
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, total)]  # token by token
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
 
 

@@ -1,4 +1,5 @@
-"""--key=value overrides, presets, the model fields that come from GPTConfig, and values that cannot be meant."""
+"""--key=value overrides, presets, the model fields that come from GPTConfig, and values that cannot be meant.
+"""
 import dataclasses
 
 import pytest

@@ -22,7 +22,8 @@ def split(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     for i in range(10):  # nine training files and one validation file (every tenth, sorted)
         n = 3000 if i == 9 else 400
-        (src / f"d{i}.txt").write_text("".join(chr(97 + int(c)) for c in torch.randint(0, 26, (n,), generator=g)))
+        letters = torch.randint(0, 26, (n,), generator=g)
+        (src / f"d{i}.txt").write_text("".join(chr(97 + int(c)) for c in letters))
     return Split(prepare(f"text:{src}", get_tokenizer("bytes"), str(tmp_path_factory.mktemp("cache")),
                          log=lambda *a: None), "val")
 
@@ -96,13 +97,16 @@ def test_gpt2_passkey_is_exactly_the_length_asked():
 def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
     save_tiny_checkpoint(tmp_path / "coca", block_size=64)
     save_tiny_checkpoint(tmp_path / "alibi", block_size=64, attention="alibi")
-    out = run_script("eval_length.py", "--ckpt", tmp_path / "coca", tmp_path / "alibi", "--lengths", "64,128,256",
-                     "--target=32", "--windows=3", "--passkey_trials=10", "--scalings=none,dynamic:4+logn,logn",
+    out = run_script("eval_length.py", "--ckpt", tmp_path / "coca", tmp_path / "alibi",
+                     "--lengths", "64,128,256",
+                     "--target=32", "--windows=3", "--passkey_trials=10",
+                     "--scalings=none,dynamic:4+logn,logn",
                      f"--out-dir={tmp_path / 'res'}", f"--data-dir={tmp_path / 'data'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| model | 64 | 128 | 256 |" in out.stdout
     res = json.load(open(tmp_path / "res" / "results.json"))
-    assert tuple(res["columns"]) == report.COLUMNS and len(res["results"]) == 18  # 2 models x 3 scalings x 3 lengths
+    assert tuple(res["columns"]) == report.COLUMNS
+    assert len(res["results"]) == 18  # 2 models x 3 scalings x 3 lengths
     with open(tmp_path / "res" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == report.COLUMNS and len(rows) == 18
@@ -115,7 +119,8 @@ def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
     for r in (r for r in res["results"] if r["passkey_accuracy"] is not None):
         assert sum(r["passkey_depth_trials"]) == 10 and all(h <= t for h, t in zip(r["passkey_depth_hits"],
                                                                                    r["passkey_depth_trials"]))
-        assert sum(r["passkey_depth_hits"]) == round(r["passkey_accuracy"] * 10) and len(r["passkey_answer_nll"]) == 6
+        assert sum(r["passkey_depth_hits"]) == round(r["passkey_accuracy"] * 10)
+        assert len(r["passkey_answer_nll"]) == 6
         assert r["passkey_lo"] <= r["passkey_accuracy"] <= r["passkey_hi"]
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "res" / "results.png").exists() and (tmp_path / "res" / "passkey.png").exists()
@@ -133,8 +138,8 @@ def test_curves_plot_reads_training_logs(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     records = [{"event": "start", "iter": 0, "config": {"attention": "coca", "seed": 1}}]
-    records += [{"event": "eval", "iter": i, "val_loss": 1.0, "ppl_at_length": {"512": 5.0 - i / 100, "2048": 7.0}}
-                for i in (100, 200)]
+    records += [{"event": "eval", "iter": i, "val_loss": 1.0,
+                 "ppl_at_length": {"512": 5.0 - i / 100, "2048": 7.0}} for i in (100, 200)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = run_script("-m", "nanococa.report", "curves", run, f"--out-dir={tmp_path / 'res'}")
     assert out.returncode == 0, out.stderr
@@ -145,7 +150,7 @@ def test_curves_plot_reads_training_logs(tmp_path):
     code, _, err = run_main("nanococa.report", "curves", empty, f"--out-dir={tmp_path / 'res2'}")
     assert code == 2 and "--eval_lengths" in err
     code, _, err = run_main("nanococa.report", "curves", run, f"--out-dir={tmp_path / 'res'}")
-    assert code == 2 and "curves.png" in err and "--overwrite" in err  # an earlier plot is not replaced unasked
+    assert code == 2 and "curves.png" in err and "--overwrite" in err  # an earlier plot is kept unless asked
 
 
 def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
@@ -165,6 +170,10 @@ def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
     (["--out-dir", "/proc/no-such-place"], ["--out_dir", "cannot be written"]),
     (["--passkey_trials", "1000000000"], ["--passkey_trials", "10,000"]),
     (["--seed", "-1"], ["--seed"]),
+    (["--passkey_trials", "-1"], ["--passkey_trials", "between 0"]),
+    (["--windows", "0"], ["--windows", "at least 1"]),
+    (["--lengths", "512", "--target", "1024"], ["--target=1024", "shortest length"]),
+    (["--profile", "--protocol", "sliding"], ["--profile", "sliding"]),
     (["--lengths", "512", "--passkey_lengths", "1K"], ["--passkey_lengths", "among --lengths"]),
     (["--device", "bogus"], ["--device", "bogus"]),
     (["--device", "mps"], ["mps"]),
@@ -197,8 +206,10 @@ def test_merge_joins_evaluations_of_one_plan_and_refuses_another(tmp_path):
 def test_merge_refuses_passkey_measured_with_another_trial_count(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", block_size=64)
     for trials in (2, 3):
-        assert run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300", f"--passkey_trials={trials}",
-                        "--scalings=none", "--target=32", "--windows=1", f"--out_dir={tmp_path / str(trials)}",
+        assert run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300",
+                        f"--passkey_trials={trials}",
+                        "--scalings=none", "--target=32", "--windows=1",
+                        f"--out_dir={tmp_path / str(trials)}",
                         f"--data_dir={tmp_path / 'data'}")[0] == 0
     code, _, err = run_main("nanococa.report", "merge", tmp_path / "2", tmp_path / "3",
                             f"--out_dir={tmp_path / 'x'}")
@@ -208,7 +219,8 @@ def test_merge_refuses_passkey_measured_with_another_trial_count(tmp_path):
 
 def test_passkey_lengths_limits_where_passkey_is_measured(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", block_size=64)
-    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300,400", "--passkey_lengths=400",
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=300,400",
+                              "--passkey_lengths=400",
                               "--passkey_trials=4", "--scalings=none", "--target=32", "--windows=1",
                               f"--out_dir={tmp_path / 'r'}", f"--data_dir={tmp_path / 'data'}")
     assert code == 0, err
@@ -281,10 +293,11 @@ def test_head_roles_scores_ideal_heads_where_their_roles_say(monkeypatch):
 def test_profile_prints_and_writes_each_heads_roles(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", block_size=400, n_head=2)
     code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", "--lengths=400", "--target=32",
-                              "--windows=1", "--profile", f"--out_dir={tmp_path / 'p'}", f"--data_dir={tmp_path / 'd'}")
+                              "--windows=1", "--profile", f"--out_dir={tmp_path / 'p'}",
+                              f"--data_dir={tmp_path / 'd'}")
     assert code == 0, err
     heads = json.load(open(tmp_path / "p" / "profile.json"))["heads"][str(tmp_path / "m")]
-    assert (tmp_path / "p" / "results.json").exists()  # the profile comes with the evaluation, not instead of it
-    assert {k: (len(v), len(v[0])) for k,
-            v in heads.items()} == {k: (2, 2) for k in heads} and len(heads) == 3
+    assert (tmp_path / "p" / "results.json").exists()  # the profile comes with the evaluation, not instead
+    assert {k: (len(v), len(v[0])) for k, v in heads.items()} == {k: (2, 2) for k in heads}
+    assert len(heads) == 3
     assert "| induction |" in out and f"| {tmp_path / 'm'} (coca) | 1 |" in out

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import MICRO, ROOT, run_main, save_tiny_checkpoint, text_corpus, train_micro
-from nanococa import checkpoint, data
+from nanococa import checkpoint, data, passkey
 from nanococa.common import file_lock, gpu_peak_flops
 from nanococa.config import make_config
 from nanococa.errors import UserError
@@ -54,8 +54,9 @@ def damage(folder, how):
             f.write(b"\xff\xff" * 10)  # token 65535: beyond every vocabulary
 
 
-@pytest.mark.parametrize("how", ["truncated bin", "deleted bin", "empty offsets", "wrong offsets", "empty manifest",
-                                 "manifest not a dict", "manifest without splits", "manifest field of the wrong type",
+@pytest.mark.parametrize("how", ["truncated bin", "deleted bin", "empty offsets", "wrong offsets",
+                                 "empty manifest", "manifest not a dict", "manifest without splits",
+                                 "manifest field of the wrong type",
                                  "bytes overwritten, same size"])
 def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path, how):
     tok, name = get_tokenizer("bytes"), corpus(tmp_path)
@@ -92,7 +93,8 @@ def test_two_runs_cannot_share_an_out_dir(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("what", ["loss", "weights"])
-def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, what):
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch,
+                                                                            what):
     run(tmp_path, data_dir, "--max_iters=4", "--eval_interval=4")
     good = checkpoint.load(tmp_path)
     from nanococa import model as model_module
@@ -119,7 +121,8 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned_weights)
     with pytest.raises(UserError) as e:
         run(tmp_path, data_dir, "--max_iters=8", "--eval_interval=8", "--resume")
-    assert "not finite" in str(e.value) and ("step 7: the loss" if what == "loss" else "step 8: the weights") in str(e.value)
+    where = "step 7: the loss" if what == "loss" else "step 8: the weights"
+    assert "not finite" in str(e.value) and where in str(e.value)
     kept = checkpoint.load(tmp_path)
     assert kept["iter"] == 4 and all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
 
@@ -128,8 +131,8 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def test_resume_refuses_a_different_model_and_reports_what_may_change(tmp_path, data_dir):
     run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2")
-    for bad, name in (("--attention=rope", "attention"), ("--block_size=32", "block_size"), ("--n_layer=2", "n_layer"),
-                      ("--corpus=pycode", "corpus")):
+    for bad, name in (("--attention=rope", "attention"), ("--block_size=32", "block_size"),
+                      ("--n_layer=2", "n_layer"), ("--corpus=pycode", "corpus")):
         with pytest.raises(UserError) as e:
             run(tmp_path, data_dir, "--max_iters=4", "--resume", bad)
         assert name in str(e.value) and "there" in str(e.value), str(e.value)
@@ -137,14 +140,16 @@ def test_resume_refuses_a_different_model_and_reports_what_may_change(tmp_path, 
                    "--resume")
     assert "resume: max_iters 2 -> 4" in lines and "resume: learning_rate 0.002 -> 0.001" in lines
     saved = checkpoint.load(tmp_path)
-    assert saved["iter"] == 4 and saved["train_config"]["max_iters"] == 4 and saved["train_config"]["learning_rate"] == 1e-3
+    assert saved["iter"] == 4 and saved["train_config"]["max_iters"] == 4
+    assert saved["train_config"]["learning_rate"] == 1e-3
     assert saved["model_args"]["attention"] == saved["train_config"]["attention"] == "coca"
 
 
 # 4. values that would train wrong: test_config.py covers the options; devices here
 
 @pytest.mark.parametrize("script, argv", [("train", ["--device=mps"]), ("train", ["--device=cuda:3"]),
-                                          ("train", ["--device=bogus"]), ("eval_length", ["--device", "tpu"])])
+                                          ("train", ["--device=bogus"]),
+                                          ("eval_length", ["--device", "tpu"])])
 def test_an_unavailable_device_is_one_line(script, argv):
     code, _, err = run_main(script, *argv)
     assert code == 2 and err.startswith("error: ") and "--device" in err and err.count("\n") == 1, err
@@ -163,8 +168,8 @@ def test_a_short_validation_split_is_found_before_training(tmp_path):
     src = tmp_path / "book.txt"
     src.write_text("x" * 2000 + "\n" + "y" * 100)  # its last tenth, the validation text, is ~200 bytes
     with pytest.raises(UserError, match="val split has .* too few for --block_size=512"):
-        train(make_config([f"--corpus=text:{src}", f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'd'}"]),
-              log=lambda *a: None)
+        train(make_config([f"--corpus=text:{src}", f"--out_dir={tmp_path / 'out'}",
+                           f"--data_dir={tmp_path / 'd'}"]), log=lambda *a: None)
     assert not os.path.exists(tmp_path / "out" / "log.jsonl")  # not one step was taken
 
 
@@ -183,7 +188,8 @@ def test_tracked_lengths_longer_than_any_validation_document_fail_at_start(tmp_p
 
 def test_bench_checks_its_output_and_sizes_first():
     for argv, words in ((["--out=/proc/x/bench.json"], ["--out"]), (["--batch=0"], ["--batch"]),
-                        (["--lengths=0"], ["lengths"]), (["--heads=-1"], ["--heads"]), (["--head_dim=63"], ["odd"]),
+                        (["--lengths=0"], ["lengths"]), (["--heads=-1"], ["--heads"]),
+                        (["--head_dim=63"], ["odd"]),
                         (["--preset=huge"], ["huge"]), (["--bogus"], ["unknown option --bogus"])):
         code, _, err = run_main("nanococa.bench", "--quick", "--device=cpu", *argv)
         assert code == 2 and err.startswith("error: ") and all(w in err for w in words), err
@@ -239,7 +245,7 @@ import resource, signal, sys
 from nanococa import data
 from nanococa.errors import run_script
 from nanococa.tokenizer import get_tokenizer
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 run_script(lambda argv: data.prepare(argv[0], get_tokenizer("bytes"), argv[1], log=lambda *a: None),
            sys.argv[1:])
@@ -250,7 +256,8 @@ def test_a_full_disk_while_preparing_data_is_one_line_and_leaves_no_temporaries(
     name = corpus(tmp_path, n=20, size=2000)  # about 230 KB of text: the limit cuts it off mid-write
     p = subprocess.run([sys.executable, "-c", FULL_DISK, name, str(tmp_path / "cache")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.startswith("error: data: could not write") and p.stderr.count("\n") == 1, p.stderr
+    assert p.returncode == 2 and p.stderr.startswith("error: data: could not write"), p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr
     folder = data.corpus_dir(str(tmp_path / "cache"), name, get_tokenizer("bytes"))
     assert [f for f in os.listdir(folder) if f != ".lock"] == []  # nothing half-written is left to be trusted
     assert data.prepare(name, get_tokenizer("bytes"), str(tmp_path / "cache"), log=lambda *a: None) == folder
@@ -273,7 +280,10 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_write_then_interrupts(tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_a_real_training_run_says_interrupted_and_leaves_a_loadable_checkpoint(tmp_path, data_dir):
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_on_a_real_training_run_is_one_line_and_leaves_a_loadable_checkpoint(tmp_path, data_dir,
+                                                                                              sig, code, words):
     cmd = [sys.executable, "train.py", *MICRO, "--max_iters=100000", "--eval_interval=1", "--eval_iters=1",
            f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -281,9 +291,9 @@ def test_ctrl_c_on_a_real_training_run_says_interrupted_and_leaves_a_loadable_ch
     while not os.path.exists(tmp_path / "ckpt.pt") and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # a checkpoint is written every step: the signal lands in or near one
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert p.returncode == code and words in err and "Traceback" not in err, err[-2000:]
     assert checkpoint.load(tmp_path)["iter"] >= 1
     assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
 
@@ -312,7 +322,8 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(tmp_path, change,
     ckpt = checkpoint.load(tmp_path)
     change(ckpt)
     checkpoint.save(ckpt, str(tmp_path / "ckpt.pt"))
-    argv = {"sample": [f"--ckpt={tmp_path}"], "eval_length": ["--ckpt", tmp_path, f"--out-dir={tmp_path / 'r'}"],
+    argv = {"sample": [f"--ckpt={tmp_path}"],
+            "eval_length": ["--ckpt", tmp_path, f"--out-dir={tmp_path / 'r'}"],
             "train": [f"--out_dir={tmp_path}", "--resume", "--n_layer=2", "--n_head=2", "--n_embd=32",
                       "--block_size=32"]}[script]
     code, _, err = run_main(script, *argv)
@@ -323,8 +334,10 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(tmp_path, change,
 # 9. evaluation results are written safely (round three, 1)
 
 def eval_rows():
-    return [dict(checkpoint="out", attention="coca", attn_scale="none", corpus="c", tokenizer="bytes", scaling="none",
-                 protocol="same-targets", length=512, perplexity=5.0, perplexity_lo=4.0, perplexity_hi=6.0, units=2,
+    return [dict(checkpoint="out", attention="coca", attn_scale="none", corpus="c", tokenizer="bytes",
+                 scaling="none",
+                 protocol="same-targets", length=512, perplexity=5.0, perplexity_lo=4.0, perplexity_hi=6.0,
+                 units=2,
                  targets=10, unit_nll=[1.5, 1.7], note=None)]
 
 
@@ -345,8 +358,8 @@ def test_ctrl_c_while_results_are_written_keeps_them_whole(tmp_path, monkeypatch
         report.write_outputs(rows, {"protocol": "same-targets"}, str(tmp_path), plot=False)
     monkeypatch.undo()
     after = json.load(open(tmp_path / "results.json"))  # valid JSON: the old results or the new, never half
-    assert after in (before, json.loads(json.dumps({"meta": {"protocol": "same-targets"}, "columns": after["columns"],
-                                                       "results": rows})))
+    new = {"meta": {"protocol": "same-targets"}, "columns": after["columns"], "results": rows}
+    assert after in (before, json.loads(json.dumps(new)))
     assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
 
 
@@ -365,8 +378,8 @@ def test_a_full_disk_while_results_are_written_is_one_line_and_keeps_the_old_fil
 
 def test_eval_length_neither_shares_an_out_dir_nor_replaces_results_unasked(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", block_size=64)
-    argv = ["--ckpt", tmp_path / "m", "--lengths", "64", "--target=32", "--windows=1", f"--out_dir={tmp_path / 'r'}",
-            f"--data_dir={tmp_path / 'd'}"]
+    argv = ["--ckpt", tmp_path / "m", "--lengths", "64", "--target=32", "--windows=1",
+            f"--out_dir={tmp_path / 'r'}", f"--data_dir={tmp_path / 'd'}"]
     os.makedirs(tmp_path / "r")
     with file_lock(str(tmp_path / "r" / ".lock")):  # as a running eval_length.py holds it
         code, _, err = run_main("eval_length", *argv)
@@ -388,7 +401,8 @@ def test_bench_refuses_to_overwrite_a_file_that_is_not_a_bench_result(tmp_path):
 # 10. damaged checkpoints are refused, in every script (round three, 2 and 5)
 
 def rewrite_raw(path, change):
-    """Edit a checkpoint as another program would: torch.load, change, torch.save (the digest is not renewed)."""
+    """Edit a checkpoint as another program would: torch.load, change, torch.save (the digest is not renewed).
+    """
     ckpt = torch.load(path, weights_only=True)
     change(ckpt)
     torch.save(ckpt, path)
@@ -419,11 +433,12 @@ def test_a_damaged_checkpoint_is_one_line_in_every_script(tmp_path, data_dir, da
                             "--target=32"],
             "train-init_from": ["train", *MICRO, f"--init_from={path}", f"--out_dir={tmp_path / 'new'}",
                                 f"--data_dir={data_dir}"],
-            "train-resume": ["train", *MICRO, "--resume", f"--out_dir={tmp_path / 'src'}", f"--data_dir={data_dir}",
-                             "--max_iters=4"]}[script]
+            "train-resume": ["train", *MICRO, "--resume", f"--out_dir={tmp_path / 'src'}",
+                             f"--data_dir={data_dir}", "--max_iters=4"]}[script]
     code, _, err = run_main(*argv)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert all(w in err for w in words) and "last good checkpoint" not in err and "weights_only" not in err, err
+    assert all(w in err for w in words), err
+    assert "last good checkpoint" not in err and "weights_only" not in err, err
 
 
 @pytest.mark.parametrize("change, words", [
@@ -516,7 +531,8 @@ def test_curves_skip_bad_lines_with_a_warning_and_refuse_mixed_corpora(tmp_path)
     good = {"event": "eval", "iter": 10, "ppl_at_length": {"512": 5.0}}
     for name, corpus in (("a", "pycode"), ("b", "shakespeare")):
         (tmp_path / name).mkdir()
-        lines = [json.dumps({"event": "start", "config": {"corpus": corpus, "attention": "coca"}}), "{not json", "[1, 2]",
+        start = {"event": "start", "config": {"corpus": corpus, "attention": "coca"}}
+        lines = [json.dumps(start), "{not json", "[1, 2]",
                  json.dumps({"event": "eval", "iter": "x", "ppl_at_length": [1]}), json.dumps(good)]
         (tmp_path / name / "log.jsonl").write_text("\n".join(lines) + "\n")
     code, out, err = run_main("nanococa.report", "curves", tmp_path / "a", f"--out_dir={tmp_path / 'r'}")
@@ -555,18 +571,22 @@ def test_resume_after_the_corpus_changed_says_it_is_no_longer_exact(tmp_path):
         "--block_size=32")
     with open(tmp_path / "src" / "f00.txt", "a") as f:
         f.write("more text")
-    _, lines = run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=3", "--eval_interval=3",
-                   "--block_size=32", "--resume")
-    assert any("changed since this run started" in line and "no longer an exact" in line for line in lines), lines
+    _, lines = run(tmp_path / "out", str(tmp_path / "d"), f"--corpus={name}", "--max_iters=3",
+                   "--eval_interval=3", "--block_size=32", "--resume")
+    assert any("changed since this run started" in line and "no longer an exact" in line
+               for line in lines), lines
 
 
 def test_the_same_scaling_or_checkpoint_twice_is_evaluated_once(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", block_size=64)
-    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", tmp_path / "m" / "ckpt.pt", "--lengths=64,128",
-                              "--target=32", "--windows=1", "--scalings=dynamic:4,dynamic:4.0", f"--out_dir={tmp_path / 'r'}",
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "m", tmp_path / "m" / "ckpt.pt",
+                              "--lengths=64,128",
+                              "--target=32", "--windows=1", "--scalings=dynamic:4,dynamic:4.0",
+                              f"--out_dir={tmp_path / 'r'}",
                               f"--data_dir={tmp_path / 'd'}")
     assert code == 0, err
-    assert len(json.load(open(tmp_path / "r" / "results.json"))["results"]) == 2  # one checkpoint, one scaling, 2 lengths
+    rows = json.load(open(tmp_path / "r" / "results.json"))["results"]
+    assert len(rows) == 2  # one checkpoint, one scaling, 2 lengths
 
 
 def test_misleading_lines_now_say_what_is_meant(tmp_path, data_dir):
@@ -580,3 +600,160 @@ def test_misleading_lines_now_say_what_is_meant(tmp_path, data_dir):
     code, _, err = run_main("sample", f"--ckpt={tmp_path / 'alibi'}", "--scaling=dynamic:4+logn",
                             "--max_new_tokens=2")
     assert code == 0 and "ALiBi has no rotary" in err and "logn still applies" in err
+
+
+# 13. round four: the passkey minimum, logs and locks, damaged results, what a checkpoint may make us read
+
+def test_gpt2_passkey_training_at_the_shortest_block_never_dies(tmp_path, data_dir):
+    """GPT-2 keys take 1-3 tokens: with the minimum over every key, rows of exactly that length always build
+    (before: a random step died with "shorter than its fixed text")."""
+    block = passkey.min_length(get_tokenizer("gpt2"))
+    summary, _ = run(tmp_path, data_dir, "--tokenizer=gpt2", "--passkey_mix=1.0", f"--block_size={block}",
+                     "--max_iters=25", "--eval_interval=25", "--passkey_trials=4", "--n_embd=32")
+    assert summary["iters"] == 25
+
+
+def test_eval_length_on_a_gpt2_checkpoint_notes_lengths_too_short_for_a_passkey(tmp_path):
+    save_tiny_checkpoint(tmp_path / "m", tokenizer="gpt2", vocab_size=50304, block_size=64)
+    lo = passkey.min_length(get_tokenizer("gpt2"))
+    code, _, err = run_main("eval_length", "--ckpt", tmp_path / "m", f"--lengths={lo - 1},{lo}", "--target=32",
+                            "--windows=1", "--scalings=none", "--passkey_trials=2", f"--out_dir={tmp_path / 'r'}",
+                            f"--data_dir={tmp_path / 'd'}")
+    assert code == 0, err
+    rows = {r["length"]: r for r in json.load(open(tmp_path / "r" / "results.json"))["results"]}
+    assert "at least" in rows[lo - 1]["note"] and rows[lo]["passkey_trials"] == 2
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_log_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path, data_dir, resume):
+    if resume:
+        run(tmp_path, data_dir, "--max_iters=1", "--eval_interval=1")
+        os.remove(tmp_path / "log.jsonl")
+    elsewhere = tmp_path / "someone-elses-file"
+    elsewhere.write_text("precious\n")
+    os.symlink(elsewhere, tmp_path / "log.jsonl")
+    with pytest.raises(UserError, match="symbolic link"):
+        run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2", *(["--resume"] if resume else ["--overwrite"]))
+    assert elsewhere.read_text() == "precious\n"
+
+
+def test_a_fresh_run_keeps_the_log_of_a_run_that_stopped_before_its_first_checkpoint(tmp_path, data_dir):
+    (tmp_path / "log.jsonl").write_text('{"event": "start"}\n')
+    with pytest.raises(UserError, match="log of a run that saved no checkpoint.*--overwrite"):
+        run(tmp_path, data_dir, "--max_iters=1")
+    assert (tmp_path / "log.jsonl").read_text() == '{"event": "start"}\n'
+    run(tmp_path, data_dir, "--max_iters=1", "--overwrite")
+
+
+def test_a_full_disk_while_the_log_is_written_is_one_line_and_keeps_the_checkpoint(tmp_path, data_dir, monkeypatch):
+    run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2")
+    good = open(tmp_path / "ckpt.pt", "rb").read()
+    from nanococa import trainer
+    real_open = trainer.open_new_or_own
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            self.f.close()
+    monkeypatch.setattr(trainer, "open_new_or_own", lambda *a: FullDisk(real_open(*a)))
+    with pytest.raises(UserError, match="could not write .*log.jsonl.*keeps the last good checkpoint"):
+        run(tmp_path, data_dir, "--max_iters=4", "--eval_interval=2", "--resume")
+    assert open(tmp_path / "ckpt.pt", "rb").read() == good
+
+
+def test_a_lock_names_the_program_that_holds_it(tmp_path, data_dir):
+    with file_lock(str(tmp_path / ".lock"), owner="eval_length.py"):
+        with pytest.raises(UserError, match=r"in use: eval_length.py \(pid \d+\) is writing there"):
+            run(tmp_path, data_dir, "--max_iters=1")
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("[1, 2]", ["not an evaluation's results"]),
+    ("null", ["not an evaluation's results"]),
+    ('{"results": []}', ["not an evaluation's results"]),
+    ("string perplexity", ["row 1", "perplexity is '5.0'"]),
+    ("nan perplexity", ["row 1", "perplexity is nan"]),
+    ("negative perplexity", ["row 1", "perplexity is -5.0"]),
+    ("accuracy above one", ["row 1", "passkey_accuracy is 1.5"]),
+])
+def test_merge_refuses_damaged_results_with_one_line(tmp_path, damage, words):
+    from nanococa import report
+    report.write_outputs(eval_rows(), {"protocol": "same-targets"}, str(tmp_path / "good"), plot=False)
+    (tmp_path / "bad").mkdir()
+    doc = json.load(open(tmp_path / "good" / "results.json"))
+    row = doc["results"][0]
+    changes = {"string perplexity": {"perplexity": "5.0"}, "nan perplexity": {"perplexity": float("nan")},
+               "negative perplexity": {"perplexity": -5.0}, "accuracy above one": {"passkey_accuracy": 1.5}}
+    if damage in changes:
+        row.update(changes[damage])
+    text = json.dumps(doc) if damage in changes else damage
+    (tmp_path / "bad" / "results.json").write_text(text)
+    code, _, err = run_main("nanococa.report", "merge", tmp_path / "good", tmp_path / "bad",
+                            f"--out_dir={tmp_path / 'x'}")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_a_corpus_path_named_only_by_a_checkpoint_is_not_read_unasked(tmp_path):
+    secret = tmp_path / "private"
+    secret.mkdir()
+    for name in ("notes.txt", "more.txt"):
+        (secret / name).write_text("a secret " * 400)
+    save_tiny_checkpoint(tmp_path / "m", corpus=f"text:{secret}", block_size=64)
+    for script, argv in (("sample", [f"--ckpt={tmp_path / 'm'}", "--prompt_val_tokens=10", "--max_new_tokens=1"]),
+                         ("eval_length", ["--ckpt", tmp_path / "m", "--lengths=64", "--target=32", "--windows=1",
+                                          f"--out_dir={tmp_path / 'r'}"])):
+        code, out, err = run_main(script, *argv, f"--data_dir={tmp_path / 'd'}")
+        assert code == 2 and "read only when you name it" in err and "--corpus=text:" in err, err
+        assert "secret" not in out
+    code, out, err = run_main("sample", f"--ckpt={tmp_path / 'm'}", "--prompt_val_tokens=10", "--max_new_tokens=1",
+                              f"--corpus=text:{secret}", f"--data_dir={tmp_path / 'd'}")
+    assert code == 0 and "secret" in out, err
+
+
+def test_a_prompt_file_that_is_a_pipe_is_refused_instead_of_waiting(tmp_path):
+    save_tiny_checkpoint(tmp_path, block_size=64)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run_main("sample", f"--ckpt={tmp_path}", f"--prompt_file={fifo}", "--max_new_tokens=1")
+    assert code == 2 and "pipe" in err and err.count("\n") == 1, err
+
+
+def test_a_cache_beyond_an_address_space_limit_is_refused_before_allocation(tmp_path, monkeypatch):
+    import resource
+    from nanococa import sampling
+    save_tiny_checkpoint(tmp_path, block_size=64)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1 << 20, 1 << 20))  # as under ulimit -v 1024
+    code, _, err = run_main("sample", f"--ckpt={tmp_path}", "--max_new_tokens=30000")
+    assert code == 2 and "GiB free" in err, err
+    monkeypatch.undo()
+
+    def exhausted(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(sampling, "timed_generation", exhausted)
+    import sample
+    monkeypatch.setattr(sample, "timed_generation", exhausted)
+    code, _, err = run_main("sample", f"--ckpt={tmp_path}", "--max_new_tokens=3")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: out of memory in generation") and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_torch_is_imported_is_one_line():
+    p = subprocess.Popen([sys.executable, "sample.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # the script has started; importing torch takes a second or more
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("torch was imported before the signal arrived")
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]

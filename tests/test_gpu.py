@@ -29,7 +29,8 @@ def test_cuda_fast_path_matches_the_float64_naive_path(variant, dtype, tol):
 @pytest.mark.parametrize("variant", ["rope", "coca", "coca-slack"])
 def test_fast_path_runs_on_the_flash_kernel(variant):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    q, t, v = (x.cuda().to(torch.bfloat16).requires_grad_() for x in randn((1, 12, 8192, 64), 1, torch.float32))
+    q, t, v = (x.cuda().to(torch.bfloat16).requires_grad_()
+               for x in randn((1, 12, 8192, 64), 1, torch.float32))
     rot = tuple(x.cuda().to(torch.bfloat16) for x in rotary_cos_sin(0, 8192, 64))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if the flash kernel cannot take these inputs
         y = attention(variant, "fast", q, t, v, rot=rot)
@@ -60,7 +61,7 @@ def test_32k_forward_backward_memory_is_linear(variant):
     attention(variant, "fast", q, t, v, rot=rot,
               slopes=alibi_slopes(12).cuda().to(torch.bfloat16)).sum().backward()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < 2 * 2**30, f"peak {peak / 2**30:.2f} GiB; one 32K x 32K bf16 score matrix per head is 24 GiB"
+    assert peak < 2 * 2**30, f"peak {peak / 2**30:.2f} GiB; one 32K x 32K bf16 score matrix per head: 24 GiB"
 
 
 def test_alibi_takes_compiled_flex_attention_on_cuda_and_matches_the_bias_matrix():

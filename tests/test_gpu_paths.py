@@ -29,7 +29,8 @@ def test_compiled_flex_attention_alibi_equals_the_naive_path(scale):
 
 
 def one_step(model, idx, dtype, scaler=None):
-    """Loss and gradients of one training step under autocast to dtype (None: float32), as the trainer takes it."""
+    """Loss and gradients of one training step under autocast to dtype (None: float32), as the trainer takes
+    it."""
     model.zero_grad(set_to_none=True)
     context = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
     with context:

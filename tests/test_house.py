@@ -20,7 +20,8 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("nanococa"))))
 @pytest.mark.parametrize("script", ["sample.py", "eval_length.py", "-m nanococa.bench"])
 def test_inference_scripts_do_not_import_the_training_loop(script):
     if script.startswith("-m"):
-        code = "import json, sys, nanococa.bench; print(json.dumps(sorted(m for m in sys.modules if m.startswith('nanococa'))))"
+        code = ("import json, sys, nanococa.bench; "
+                "print(json.dumps(sorted(m for m in sys.modules if m.startswith('nanococa'))))")
     else:
         code = PROBE.format(path=os.path.join(ROOT, script))
     out = run_script("-c", code)

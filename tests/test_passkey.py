@@ -60,7 +60,8 @@ def test_depth_buckets_are_stratified():
     model = tiny_gpt(vocab_size=257, block_size=512)
     res = passkey.score(model, tok, 400, 30, seed=1)
     assert all(b / 10 <= d < (b + 1) / 10 for b, d in zip([i % 10 for i in range(30)], res["depths"]))
-    assert passkey.depth_buckets(res["depths"], res["hits"]) == [(sum(res["hits"][b::10]), 3) for b in range(10)]
+    expected = [(sum(res["hits"][b::10]), 3) for b in range(10)]
+    assert passkey.depth_buckets(res["depths"], res["hits"]) == expected
 
 
 class Bigram(torch.nn.Module):
@@ -84,7 +85,8 @@ class Bigram(torch.nn.Module):
 
 
 def greedy_hits(model, length, trials, scaling, seed):
-    """Cached greedy decoding of each trial of passkey.score (the same keys and depths): key written exactly?"""
+    """Cached greedy decoding of each trial of passkey.score (the same keys and depths): key written exactly?
+    """
     rng, hits = random.Random(seed * 1_000_003 + length), []
     for i in range(trials):
         key = passkey.random_key(rng.randrange)
@@ -139,11 +141,12 @@ def test_a_block_too_short_for_the_passkey_text_is_refused_before_any_data(tmp_p
 
 @pytest.mark.parametrize("name", ["bytes", "gpt2"])
 def test_min_length_has_room_for_every_key(name):
-    """With GPT-2's tokens a five-digit key takes 1 to 3 tokens, so the passkey texts of different keys differ in
-    length: min_length is the longest fixed text, and a text of exactly that length builds with any key."""
+    """With GPT-2's tokens a five-digit key takes 1 to 3 tokens, so the passkey texts of different keys differ
+    in length: min_length is the longest fixed text, and a text of exactly that length builds with any key."""
     tok = get_tokenizer(name)
     lo = passkey.min_length(tok)
-    longest = {k: len(passkey.key_sentence(tok, k)) + len(passkey.answer_ids(tok, k)) for k in range(10000, 100000)}
+    longest = {k: len(passkey.key_sentence(tok, k)) + len(passkey.answer_ids(tok, k))
+               for k in range(10000, 100000)}
     task, _, question = passkey.fixed_parts(tok)
     assert lo == len(task) + len(question) + max(longest.values())
     for key in sorted(longest, key=longest.get)[:3] + sorted(longest, key=longest.get)[-3:]:
@@ -166,8 +169,9 @@ def test_gpt2_passkey_rows_at_the_minimum_never_fail(tmp_path):
 
 
 def test_passkey_stop_ends_two_evaluations_after_the_accuracy_is_reached(tmp_path, data_dir, monkeypatch):
-    """A stand-in scorer that retrieves from step 4 on: reached at the evaluation of step 4, the run ends at step 8
-    (two evaluations later) instead of 20, says so, and a resume of the finished run trains no further."""
+    """A stand-in scorer that retrieves from step 4 on: reached at the evaluation of step 4, the run ends at
+    step 8 (two evaluations later) instead of 20, says so, and a resume of the finished run trains no further.
+    """
     real = passkey.score
 
     def score(model, tok, length, trials, **kw):
@@ -175,8 +179,8 @@ def test_passkey_stop_ends_two_evaluations_after_the_accuracy_is_reached(tmp_pat
         return {**res, "hits": [score.step >= 4] * trials}
     score.step = 0
     monkeypatch.setattr(passkey, "score", score)
-    base = ["--block_size=300", "--passkey_mix=0.5", "--passkey_trials=2", "--eval_interval=2", "--max_iters=20",
-            "--passkey_stop=0.9"]
+    base = ["--block_size=300", "--passkey_mix=0.5", "--passkey_trials=2", "--eval_interval=2",
+            "--max_iters=20", "--passkey_stop=0.9"]
 
     def log(line):
         lines.append(line)

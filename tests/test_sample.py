@@ -14,8 +14,8 @@ def ckpt(tmp_path_factory):
 
 
 def test_sample_streams_and_reports(ckpt):
-    out = run_script("sample.py", f"--ckpt={ckpt}", "--prompt=To be", "--max_new_tokens=20", "--scaling=dynamic:4+logn",
-                     "--num_samples=2", "--top_p=0.9")
+    out = run_script("sample.py", f"--ckpt={ckpt}", "--prompt=To be", "--max_new_tokens=20",
+                     "--scaling=dynamic:4+logn", "--num_samples=2", "--top_p=0.9")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("To be") == 2 and "sample 2/2" in out.stdout
     assert "prefill" in out.stderr and "tok/s" in out.stderr and "peak memory" in out.stderr

@@ -138,8 +138,8 @@ def test_pycode_splits_by_package():
     assert "# file: json/decoder.py" in dict(docs["val"])["json"]
 
 
-@given(B=st.integers(1, 6), T=st.integers(2, 300), reach_extra=st.integers(0, 20_000), seed=st.integers(0, 10_000),
-       kind=st.sampled_from(["pose", "random"]))
+@given(B=st.integers(1, 6), T=st.integers(2, 300), reach_extra=st.integers(0, 20_000),
+       seed=st.integers(0, 10_000), kind=st.sampled_from(["pose", "random"]))
 def test_training_positions_increase_and_stay_within_reach(B, T, reach_extra, seed, kind):
     import torch
     reach = T + reach_extra
