@@ -446,6 +446,142 @@ def curves(run_dirs, out_dir, log):
     return runs
 
 
+# -----------------------------------------------------------------------------------------------
+# Seeded runs: when each learned passkey retrieval, k of n per arm, exact tests between arms.
+
+
+def read_run(run_dir):
+    """One run's log.jsonl as dict(run, arm, seed, evals=[(iter, passkey, [answer-token NLL], val_loss)],
+    steps, seconds, config); a log without passkey evaluations is a UserError naming it."""
+    path = os.path.join(run_dir, "log.jsonl") if os.path.isdir(run_dir) else run_dir
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UserError(f"runs: cannot read {path} ({e})") from None
+    starts = [r for r in records if isinstance(r, dict) and r.get("event") == "start"]
+    evals = [(r["iter"], r["passkey"], r.get("passkey_answer_nll") or [], r.get("val_loss"))
+             for r in records if isinstance(r, dict) and r.get("event") == "eval" and r.get("passkey") is not None]
+    if not starts or not evals:
+        raise UserError(f"runs: {path} has no passkey evaluations (train with --passkey_mix)")
+    config = starts[0].get("config", {})
+    ends = [r for r in records if isinstance(r, dict) and r.get("event") == "end"]
+    label = method_name(config.get("attention", "?"), config.get("attn_scale"))
+    if config.get("positions", "contiguous") != "contiguous":
+        label += f", {config['positions']}"
+    if config.get("n_head") not in (None, 4):
+        label += f", {config['n_head']} heads"
+    return dict(run=str(run_dir).rstrip("/"), arm=label, seed=config.get("seed"), max_iters=config.get("max_iters"),
+                evals=sorted(evals), steps=evals[-1][0] if not ends else ends[-1].get("iters"),
+                seconds=sum(r.get("seconds") or 0 for r in ends), config=config)
+
+
+def fisher_exact(a, b, c, d):
+    """Two-sided p of Fisher's exact test on the 2 x 2 table [[a, b], [c, d]] (the probabilities of every
+    table with the same margins that is no more likely than the one observed, summed)."""
+    row1, col1, n = a + b, a + c, a + b + c + d
+
+    def prob(x):
+        return math.comb(col1, x) * math.comb(n - col1, row1 - x) / math.comb(n, row1)
+    observed = prob(a)
+    lo, hi = max(0, row1 - (n - col1)), min(row1, col1)
+    return min(1.0, sum(prob(x) for x in range(lo, hi + 1) if prob(x) <= observed * (1 + 1e-9)))
+
+
+def summarize_runs(runs, threshold, by):
+    """Per run: the first evaluation with passkey accuracy >= threshold (None: not reached) and the last
+    validation loss; per arm: learned by step `by` as k of n, and the crossing steps."""
+    for r in runs:
+        r["crossing"] = next((i for i, pk, _, _ in r["evals"] if pk >= threshold), None)
+        r["learned"] = r["crossing"] is not None and r["crossing"] <= by
+        r["final_val_loss"] = r["evals"][-1][3]
+        r["final_passkey"] = r["evals"][-1][1]
+    arms = {}
+    for r in runs:
+        arms.setdefault(r["arm"], []).append(r)
+    return arms
+
+
+def runs_report(run_dirs, out_dir, threshold, by, log):
+    """The seeded-runs tables on stdout, runs.csv, runs.json (with every pairwise exact test) and
+    digits.png (passkey accuracy and the loss of each answer token against training step, per arm)."""
+    runs = [read_run(d) for d in run_dirs]
+    arms = summarize_runs(runs, threshold, by)
+    print(f"\nRuns: the first evaluation at which passkey accuracy reached {threshold} (crossing), "
+          "the last validation loss\n")
+    print("| arm | seed | crossing | passkey at the end | steps | val loss |\n|---|---|---|---|---|---|")
+    for arm, members in arms.items():
+        for r in sorted(members, key=lambda r: str(r["seed"])):
+            crossing = f"{r['crossing']:,}" if r["crossing"] is not None else f"not by {r['steps']:,}"
+            print(f"| {arm} | {r['seed']} | {crossing} | {r['final_passkey']:.2f} | {r['steps']:,} | "
+                  f"{r['final_val_loss']:.4f} |")
+    print(f"\nLearned by step {by:,} (accuracy >= {threshold}), k of n\n")
+    print("| arm | k / n | crossing steps |\n|---|---|---|")
+    for arm, members in arms.items():
+        k = sum(r["learned"] for r in members)
+        steps = sorted(r["crossing"] for r in members if r["crossing"] is not None)
+        print(f"| {arm} | {k} / {len(members)} | {', '.join(f'{s:,}' for s in steps) or '-'} |")
+    tests = []
+    names = list(arms)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            a, b = sum(r["learned"] for r in arms[x]), len(arms[x])
+            c, d = sum(r["learned"] for r in arms[y]), len(arms[y])
+            tests.append(dict(arms=[x, y], table=[[a, b - a], [c, d - c]], p=fisher_exact(a, b - a, c, d - c)))
+    print("\nFisher's exact test (two-sided), learned against not, each pair of arms\n")
+    print("| arms | k / n | p |\n|---|---|---|")
+    for t in tests:
+        (a, b), (c, d) = t["table"]
+        print(f"| {t['arms'][0]} vs {t['arms'][1]} | {a}/{a + b} vs {c}/{c + d} | {t['p']:.3g} |")
+    doc = dict(threshold=threshold, by=by, tests=tests,
+               runs=[{k: v for k, v in r.items() if k != "config"} | {"positions": r["config"].get("positions")}
+                     for r in runs])
+    atomic_write(os.path.join(out_dir, "runs.json"), lambda f: f.write(json.dumps(doc, indent=1)), mode="w",
+                 what="runs report")
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["arm", "seed", "run", "crossing", "learned_by", "final_passkey", "steps", "final_val_loss",
+                "seconds"])
+    for r in runs:
+        w.writerow([r["arm"], r["seed"], r["run"], r["crossing"] if r["crossing"] is not None else "", by,
+                    r["final_passkey"], r["steps"], r["final_val_loss"], round(r["seconds"], 1)])
+    atomic_write(os.path.join(out_dir, "runs.csv"), lambda f: f.write(table.getvalue()), mode="w",
+                 what="runs report")
+    plot_digit_losses(arms, os.path.join(out_dir, "digits.png"), log)
+    return doc
+
+
+def plot_digit_losses(arms, path, log=print):
+    """Per arm, two panels: passkey accuracy against step (one line per seed), and the loss of each answer
+    token (mean over the arm's seeds; token 0 is the space before the key) against chance, ln 10."""
+    plt = pyplot(log)
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(2, len(arms), figsize=(3.4 * len(arms), 6), squeeze=False, sharex=True, sharey="row")
+    for j, (arm, members) in enumerate(arms.items()):
+        top, bottom = axes[0][j], axes[1][j]
+        for r in members:
+            top.plot([e[0] for e in r["evals"]], [e[1] for e in r["evals"]], marker="o", ms=2, lw=1,
+                     label=f"seed {r['seed']}")
+        steps = sorted({e[0] for r in members for e in r["evals"]})
+        tokens = max(len(e[2]) for r in members for e in r["evals"])
+        for t in range(tokens):
+            mean = []
+            for s in steps:
+                vals = [e[2][t] for r in members for e in r["evals"] if e[0] == s and len(e[2]) > t]
+                mean.append(sum(vals) / len(vals) if vals else float("nan"))
+            bottom.plot(steps, mean, lw=1.2, label="space" if t == 0 else f"digit {t}")
+        bottom.axhline(math.log(10), color="grey", ls=":", lw=1)
+        top.set(title=f"{arm} (n={len(members)})", ylim=(-0.05, 1.05))
+        bottom.set(xlabel="training step")
+        top.legend(fontsize=6)
+    axes[0][0].set_ylabel("passkey accuracy at 512")
+    axes[1][0].set_ylabel("answer token loss (nats), mean of seeds")
+    axes[1][-1].legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, plt, path)
+
+
 def main(argv):
     p = ArgumentParser(prog="python -m nanococa.report", description="Reports over results already written.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -455,7 +591,11 @@ def main(argv):
     c = sub.add_parser("curves",
                        help="perplexity and passkey accuracy against training step, from runs' logs")
     c.add_argument("folders", nargs="+", metavar="RUN_DIR")
-    for q in (m, c):
+    r = sub.add_parser("runs", help="seeded passkey runs: when each learned, k of n per arm, exact tests")
+    r.add_argument("folders", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--threshold", type=float, default=0.9, help="passkey accuracy that counts as learned")
+    r.add_argument("--by", type=int, default=6000, help="learned by this step")
+    for q in (m, c, r):
         q.add_argument("--out_dir", default="report_out")
         q.add_argument("--overwrite", action="store_true", help="replace a report already in --out_dir")
     args = p.parse_args(argv)
@@ -466,6 +606,9 @@ def main(argv):
         if args.command == "merge":
             check_no_results(args.out_dir, ["results.json", "results.csv"], args.overwrite)
             return merge(args.folders, args.out_dir, log)
+        if args.command == "runs":
+            check_no_results(args.out_dir, ["runs.json", "runs.csv", "digits.png"], args.overwrite)
+            return runs_report(args.folders, args.out_dir, args.threshold, args.by, log)
         check_no_results(args.out_dir, ["curves.png"], args.overwrite)
         return curves(args.folders, args.out_dir, log)
 

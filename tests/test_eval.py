@@ -301,3 +301,33 @@ def test_profile_prints_and_writes_each_heads_roles(tmp_path):
     assert {k: (len(v), len(v[0])) for k, v in heads.items()} == {k: (2, 2) for k in heads}
     assert len(heads) == 3
     assert "| induction |" in out and f"| {tmp_path / 'm'} (coca) | 1 |" in out
+
+
+def test_fisher_exact_matches_the_hypergeometric_tables():
+    from nanococa.report import fisher_exact
+    # 3 of 4 against 0 of 4, 4/4 against 0/4, 5/6 against 1/6 (two-sided; scipy.stats.fisher_exact agrees)
+    assert abs(fisher_exact(3, 1, 0, 4) - 1 / 7) < 1e-12
+    assert abs(fisher_exact(4, 0, 0, 4) - 2 / 70) < 1e-12
+    assert abs(fisher_exact(5, 1, 1, 5) - 0.0800866) < 1e-6
+    assert abs(fisher_exact(2, 2, 2, 2) - 1.0) < 1e-12
+
+
+def test_runs_report_counts_who_learned_by_when_and_tests_the_arms(tmp_path):
+    def fake_run(name, attention, seed, accuracies):
+        folder = tmp_path / name
+        folder.mkdir()
+        records = [{"event": "start", "config": {"attention": attention, "seed": seed, "max_iters": 2000}}]
+        records += [{"event": "eval", "iter": 500 * (i + 1), "val_loss": 1.5 - 0.1 * i, "passkey": a,
+                     "passkey_answer_nll": [0.0] + [2.3 * (1 - a)] * 5} for i, a in enumerate(accuracies)]
+        (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return folder
+    runs = [fake_run("r1", "rope", 1, [0, 0.95, 1]), fake_run("r2", "rope", 2, [0, 0, 0.9, 1]),
+            fake_run("c1", "coca", 1, [0, 0, 0, 0]), fake_run("c2", "coca", 2, [0, 0.5, 0.6, 0.2])]
+    code, out, err = run_main("nanococa.report", "runs", *runs, "--by=1500", f"--out_dir={tmp_path / 'rep'}")
+    assert code == 0, err
+    doc = json.load(open(tmp_path / "rep" / "runs.json"))
+    crossing = {r["run"]: r["crossing"] for r in doc["runs"]}
+    assert crossing == {str(runs[0]): 1000, str(runs[1]): 1500, str(runs[2]): None, str(runs[3]): None}
+    (test,) = doc["tests"]
+    assert test["table"] == [[2, 0], [0, 2]] and abs(test["p"] - 1 / 3) < 1e-12
+    assert "| rope | 2 / 2 | 1,000, 1,500 |" in out and "not by 2,000" in out
