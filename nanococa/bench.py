@@ -327,6 +327,18 @@ def check_args(args, cuda):
     return applied
 
 
+def cpu_name():
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def is_bench_result(path):
     """True when path holds a JSON result of this benchmark (the only kind of file --out may replace)."""
     try:
@@ -349,16 +361,18 @@ def main(argv):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     log = lambda m: print(m, flush=True)  # noqa: E731
-    log(f"nanococa.bench on {gpu or platform.processor() or 'cpu'} ({device}, {dtype}, torch "
+    machine = gpu or cpu_name()
+    log(f"nanococa.bench on {machine} ({device}, {dtype}, torch "
         f"{torch.__version__}); B={args.batch} H={args.heads} D={args.head_dim}"
         + (f"; MFU against {args.peak_flops / 1e12:.0f} TFLOP/s" if args.peak_flops
            else "; no MFU (unknown peak)"))
     if args.quick:
         log("--quick sets " + (", ".join(f"{k}={v}" for k, v in applied.items()) or "nothing")
             + "; options given on the command line are kept")
-    res = dict(meta=dict(device=device, gpu=gpu, dtype=str(dtype), torch=torch.__version__, quick=args.quick,
-                         batch=args.batch, heads=args.heads, head_dim=args.head_dim, preset=args.preset,
-                         warmup=args.warmup, repeats=args.repeats, peak_flops=args.peak_flops))
+    res = dict(meta=dict(device=device, gpu=gpu, machine=machine, cpu=cpu_name(), cores=os.cpu_count(),
+                         threads=torch.get_num_threads(), dtype=str(dtype), torch=torch.__version__,
+                         quick=args.quick, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                         preset=args.preset, warmup=args.warmup, repeats=args.repeats, peak_flops=args.peak_flops))
     res["attention"] = bench_attention(args, device, dtype, log)
     res["train"] = bench_train(args, device, dtype, log)
     res["generate"], res["copy_bandwidth_bytes_per_s"] = bench_generate(args, device, dtype, log)
