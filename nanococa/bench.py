@@ -372,7 +372,8 @@ def main(argv):
     res = dict(meta=dict(device=device, gpu=gpu, machine=machine, cpu=cpu_name(), cores=os.cpu_count(),
                          threads=torch.get_num_threads(), dtype=str(dtype), torch=torch.__version__,
                          quick=args.quick, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                         preset=args.preset, warmup=args.warmup, repeats=args.repeats, peak_flops=args.peak_flops))
+                         preset=args.preset, warmup=args.warmup, repeats=args.repeats,
+                         peak_flops=args.peak_flops))
     res["attention"] = bench_attention(args, device, dtype, log)
     res["train"] = bench_train(args, device, dtype, log)
     res["generate"], res["copy_bandwidth_bytes_per_s"] = bench_generate(args, device, dtype, log)
