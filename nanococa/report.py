@@ -461,7 +461,8 @@ def read_run(run_dir):
         raise UserError(f"runs: cannot read {path} ({e})") from None
     starts = [r for r in records if isinstance(r, dict) and r.get("event") == "start"]
     evals = [(r["iter"], r["passkey"], r.get("passkey_answer_nll") or [], r.get("val_loss"))
-             for r in records if isinstance(r, dict) and r.get("event") == "eval" and r.get("passkey") is not None]
+             for r in records
+             if isinstance(r, dict) and r.get("event") == "eval" and r.get("passkey") is not None]
     if not starts or not evals:
         raise UserError(f"runs: {path} has no passkey evaluations (train with --passkey_mix)")
     config = starts[0].get("config", {})
@@ -471,7 +472,8 @@ def read_run(run_dir):
         label += f", {config['positions']}"
     if config.get("n_head") not in (None, 4):
         label += f", {config['n_head']} heads"
-    return dict(run=str(run_dir).rstrip("/"), arm=label, seed=config.get("seed"), max_iters=config.get("max_iters"),
+    return dict(run=str(run_dir).rstrip("/"), arm=label, seed=config.get("seed"),
+                max_iters=config.get("max_iters"),
                 evals=sorted(evals), steps=evals[-1][0] if not ends else ends[-1].get("iters"),
                 seconds=sum(r.get("seconds") or 0 for r in ends), config=config)
 
@@ -527,14 +529,16 @@ def runs_report(run_dirs, out_dir, threshold, by, log):
         for y in names[i + 1:]:
             a, b = sum(r["learned"] for r in arms[x]), len(arms[x])
             c, d = sum(r["learned"] for r in arms[y]), len(arms[y])
-            tests.append(dict(arms=[x, y], table=[[a, b - a], [c, d - c]], p=fisher_exact(a, b - a, c, d - c)))
+            tests.append(dict(arms=[x, y], table=[[a, b - a], [c, d - c]],
+                              p=fisher_exact(a, b - a, c, d - c)))
     print("\nFisher's exact test (two-sided), learned against not, each pair of arms\n")
     print("| arms | k / n | p |\n|---|---|---|")
     for t in tests:
         (a, b), (c, d) = t["table"]
         print(f"| {t['arms'][0]} vs {t['arms'][1]} | {a}/{a + b} vs {c}/{c + d} | {t['p']:.3g} |")
     doc = dict(threshold=threshold, by=by, tests=tests,
-               runs=[{k: v for k, v in r.items() if k != "config"} | {"positions": r["config"].get("positions")}
+               runs=[{k: v for k, v in r.items() if k != "config"}
+                     | {"positions": r["config"].get("positions")}
                      for r in runs])
     atomic_write(os.path.join(out_dir, "runs.json"), lambda f: f.write(json.dumps(doc, indent=1)), mode="w",
                  what="runs report")
@@ -557,7 +561,8 @@ def plot_digit_losses(arms, path, log=print):
     plt = pyplot(log)
     if plt is None:
         return False
-    fig, axes = plt.subplots(2, len(arms), figsize=(3.4 * len(arms), 6), squeeze=False, sharex=True, sharey="row")
+    fig, axes = plt.subplots(2, len(arms), figsize=(3.4 * len(arms), 6), squeeze=False, sharex=True,
+                             sharey="row")
     for j, (arm, members) in enumerate(arms.items()):
         top, bottom = axes[0][j], axes[1][j]
         for r in members:

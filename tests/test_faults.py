@@ -282,8 +282,8 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_write_then_interrupts(tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"),
                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_or_sigterm_on_a_real_training_run_is_one_line_and_leaves_a_loadable_checkpoint(tmp_path, data_dir,
-                                                                                              sig, code, words):
+def test_ctrl_c_or_sigterm_on_a_training_run_is_one_line_and_keeps_a_loadable_checkpoint(tmp_path, data_dir, sig,
+                                                                                         code, words):
     cmd = [sys.executable, "train.py", *MICRO, "--max_iters=100000", "--eval_interval=1", "--eval_iters=1",
            f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -616,8 +616,9 @@ def test_gpt2_passkey_training_at_the_shortest_block_never_dies(tmp_path, data_d
 def test_eval_length_on_a_gpt2_checkpoint_notes_lengths_too_short_for_a_passkey(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", tokenizer="gpt2", vocab_size=50304, block_size=64)
     lo = passkey.min_length(get_tokenizer("gpt2"))
-    code, _, err = run_main("eval_length", "--ckpt", tmp_path / "m", f"--lengths={lo - 1},{lo}", "--target=32",
-                            "--windows=1", "--scalings=none", "--passkey_trials=2", f"--out_dir={tmp_path / 'r'}",
+    code, _, err = run_main("eval_length", "--ckpt", tmp_path / "m", f"--lengths={lo - 1},{lo}",
+                            "--target=32", "--windows=1", "--scalings=none", "--passkey_trials=2",
+                            f"--out_dir={tmp_path / 'r'}",
                             f"--data_dir={tmp_path / 'd'}")
     assert code == 0, err
     rows = {r["length"]: r for r in json.load(open(tmp_path / "r" / "results.json"))["results"]}
@@ -633,7 +634,8 @@ def test_a_log_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_p
     elsewhere.write_text("precious\n")
     os.symlink(elsewhere, tmp_path / "log.jsonl")
     with pytest.raises(UserError, match="symbolic link"):
-        run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2", *(["--resume"] if resume else ["--overwrite"]))
+        again = ["--resume"] if resume else ["--overwrite"]
+        run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2", *again)
     assert elsewhere.read_text() == "precious\n"
 
 
@@ -645,7 +647,8 @@ def test_a_fresh_run_keeps_the_log_of_a_run_that_stopped_before_its_first_checkp
     run(tmp_path, data_dir, "--max_iters=1", "--overwrite")
 
 
-def test_a_full_disk_while_the_log_is_written_is_one_line_and_keeps_the_checkpoint(tmp_path, data_dir, monkeypatch):
+def test_a_full_disk_while_the_log_is_written_is_one_line_and_keeps_the_checkpoint(tmp_path, data_dir,
+                                                                                   monkeypatch):
     run(tmp_path, data_dir, "--max_iters=2", "--eval_interval=2")
     good = open(tmp_path / "ckpt.pt", "rb").read()
     from nanococa import trainer
@@ -709,14 +712,14 @@ def test_a_corpus_path_named_only_by_a_checkpoint_is_not_read_unasked(tmp_path):
     for name in ("notes.txt", "more.txt"):
         (secret / name).write_text("a secret " * 400)
     save_tiny_checkpoint(tmp_path / "m", corpus=f"text:{secret}", block_size=64)
-    for script, argv in (("sample", [f"--ckpt={tmp_path / 'm'}", "--prompt_val_tokens=10", "--max_new_tokens=1"]),
+    sample = [f"--ckpt={tmp_path / 'm'}", "--prompt_val_tokens=10", "--max_new_tokens=1"]
+    for script, argv in (("sample", sample),
                          ("eval_length", ["--ckpt", tmp_path / "m", "--lengths=64", "--target=32", "--windows=1",
                                           f"--out_dir={tmp_path / 'r'}"])):
         code, out, err = run_main(script, *argv, f"--data_dir={tmp_path / 'd'}")
         assert code == 2 and "read only when you name it" in err and "--corpus=text:" in err, err
         assert "secret" not in out
-    code, out, err = run_main("sample", f"--ckpt={tmp_path / 'm'}", "--prompt_val_tokens=10", "--max_new_tokens=1",
-                              f"--corpus=text:{secret}", f"--data_dir={tmp_path / 'd'}")
+    code, out, err = run_main("sample", *sample, f"--corpus=text:{secret}", f"--data_dir={tmp_path / 'd'}")
     assert code == 0 and "secret" in out, err
 
 

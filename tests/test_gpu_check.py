@@ -1,5 +1,6 @@
 """The GPU check (.ci/gpu_check.sh) run through every stage on the CPU with tiny sizes, so that the script a
-short GPU rental depends on cannot rot unnoticed: every stage ends, says its wall time and writes its results."""
+short GPU rental depends on cannot rot unnoticed: every stage ends, says its wall time and writes its
+results."""
 import json
 import os
 import subprocess
@@ -29,7 +30,8 @@ def test_every_stage_of_the_gpu_check_runs_on_the_cpu(tmp_path, data_dir):
                BENCH_ARGS=f"--quick {cpu} --lengths=64 --prompt=64 --new_tokens=4 --warmup=0 --repeats=1 "
                           "--train_repeats=1 --no_compile")
     env.pop("PYTHONPATH", None)
-    p = subprocess.run(["bash", ".ci/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(["bash", ".ci/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     log = (tmp_path / "out" / "log.txt").read_text()
     for stage in ("train", "eval", "hf", "tests", "bench"):
@@ -37,6 +39,7 @@ def test_every_stage_of_the_gpu_check_runs_on_the_cpu(tmp_path, data_dir):
     out = tmp_path / "out"
     rows = json.load(open(out / "results.json"))["results"]
     assert {r["attention"] for r in rows} == {"coca", "rope", "alibi"}
-    assert {r["attention"] for r in json.load(open(out / "hf" / "results.json"))["results"]} == {"coca", "rope"}
+    hf_rows = json.load(open(out / "hf" / "results.json"))["results"]
+    assert {r["attention"] for r in hf_rows} == {"coca", "rope"}
     assert json.load(open(out / "bench.json"))["attention"]
     assert sorted(os.listdir(out / "train")) == ["log-alibi.jsonl", "log-coca.jsonl", "log-rope.jsonl"]
