@@ -282,8 +282,8 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_write_then_interrupts(tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"),
                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_or_sigterm_on_a_training_run_is_one_line_and_keeps_a_loadable_checkpoint(tmp_path, data_dir, sig,
-                                                                                         code, words):
+def test_ctrl_c_or_sigterm_on_a_training_run_is_one_line_and_keeps_a_loadable_checkpoint(tmp_path, data_dir,
+                                                                                         sig, code, words):
     cmd = [sys.executable, "train.py", *MICRO, "--max_iters=100000", "--eval_interval=1", "--eval_iters=1",
            f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -714,7 +714,8 @@ def test_a_corpus_path_named_only_by_a_checkpoint_is_not_read_unasked(tmp_path):
     save_tiny_checkpoint(tmp_path / "m", corpus=f"text:{secret}", block_size=64)
     sample = [f"--ckpt={tmp_path / 'm'}", "--prompt_val_tokens=10", "--max_new_tokens=1"]
     for script, argv in (("sample", sample),
-                         ("eval_length", ["--ckpt", tmp_path / "m", "--lengths=64", "--target=32", "--windows=1",
+                         ("eval_length", ["--ckpt", tmp_path / "m", "--lengths=64", "--target=32",
+                                          "--windows=1",
                                           f"--out_dir={tmp_path / 'r'}"])):
         code, out, err = run_main(script, *argv, f"--data_dir={tmp_path / 'd'}")
         assert code == 2 and "read only when you name it" in err and "--corpus=text:" in err, err
