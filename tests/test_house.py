@@ -51,3 +51,19 @@ def test_training_does_not_import_plotting_or_reports():
     assert out.returncode == 0, out.stderr[-2000:]
     modules = json.loads(out.stdout)
     assert "nanococa.report" not in modules and not any(m.startswith("matplotlib") for m in modules), modules
+
+
+def test_no_line_is_longer_than_110_characters():
+    """As in the model file, everywhere: code, scripts, and the prose of the docs (a Markdown table row is one
+    line by the format's rule, so tables are left out)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    long = []
+    for path in tracked:
+        if not (path.endswith((".py", ".sh", ".md")) or path == ".ci/run"):
+            continue
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            long += [f"{path}:{i}" for i, line in enumerate(f, 1)
+                     if len(line.rstrip("\n")) > 110 and not line.lstrip().startswith("|")]
+    assert long == [], long
