@@ -172,20 +172,7 @@ def plot_results(rows, meta, path, log=print):
         ax.axvline(meta.get("train_len", 512), color="grey", lw=0.8, ls=":")
     ppl_axes[0].set_ylabel(f"perplexity, {meta.get('protocol')} (95% band)")
     if has_passkey:
-        ax = axes[-1]
-        for r0 in dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows):
-            pk = sorted((r for r in rows if (r["checkpoint"], r["scaling"]) == r0
-                         and r.get("passkey_accuracy") is not None), key=lambda r: r["length"])
-            if not pk:
-                continue
-            colour, style = styles[(method(pk[0]), r0[0])]
-            acc = [r["passkey_accuracy"] for r in pk]
-            err = [[a - r["passkey_lo"] for a, r in zip(acc, pk)],
-                   [r["passkey_hi"] - a for a, r in zip(acc, pk)]]
-            ax.errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, color=colour, marker="o", ms=3,
-                        capsize=2, label=f"{r0[0]} ({r0[1]})")
-        ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
-               title="passkey retrieval")
+        passkey_panel(axes[-1], rows, styles)
     lengths = sorted({r["length"] for r in rows})
     values = [v for r in rows for v in (r.get("perplexity_lo"), r.get("perplexity"), r.get("perplexity_hi"))
               if v is not None]
@@ -195,20 +182,41 @@ def plot_results(rows, meta, path, log=print):
             ax.set_ylim(min(values) / 1.1, max(values) * 1.1)  # one scale for every panel, compared at sight
     for ax in axes:
         length_axis(ax, lengths)
-    legend = {}  # every line once, below the panels, so that many lines do not cover them
-    for ax in axes:
-        legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
     for ax in spare:
         ax.remove()
+    title = f"trained at {meta.get('train_len')}"
+    same = meta.get("protocol") == "same-targets"
+    fig.suptitle(title + ("; the same target tokens at every length" if same else ""), fontsize=10)
+    legend_below(fig, axes, cols)
+    return save_figure(fig, plt, path)
+
+
+def passkey_panel(ax, rows, styles):
+    """Passkey accuracy against length, one line per (checkpoint, scaling), with 95% Wilson bars."""
+    for r0 in dict.fromkeys((r["checkpoint"], r["scaling"]) for r in rows):
+        pk = sorted((r for r in rows if (r["checkpoint"], r["scaling"]) == r0
+                     and r.get("passkey_accuracy") is not None), key=lambda r: r["length"])
+        if not pk:
+            continue
+        colour, style = styles[(method(pk[0]), r0[0])]
+        acc = [r["passkey_accuracy"] for r in pk]
+        err = [[a - r["passkey_lo"] for a, r in zip(acc, pk)], [r["passkey_hi"] - a for a, r in zip(acc, pk)]]
+        ax.errorbar([r["length"] for r in pk], acc, yerr=err, fmt=style, color=colour, marker="o", ms=3,
+                    capsize=2, label=f"{r0[0]} ({r0[1]})")
+    ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy (95% Wilson)",
+           title="passkey retrieval")
+
+
+def legend_below(fig, axes, cols):
+    """Every line once, in one legend below the panels (many lines would cover them), and the layout."""
+    legend = {}
+    for ax in axes:
+        legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
     height = 0.2 * -(-len(legend) // (2 * cols)) + 0.3  # inches added below the grid for the legend
     fig.set_figheight(fig.get_figheight() + height)
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2 * cols, fontsize=7,
                frameon=False)
-    title = f"trained at {meta.get('train_len')}"
-    same = meta.get("protocol") == "same-targets"
-    fig.suptitle(title + ("; the same target tokens at every length" if same else ""), fontsize=10)
     fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
-    return save_figure(fig, plt, path)
 
 
 def plot_passkey_heatmaps(rows, meta, path, log=print):
