@@ -247,9 +247,12 @@ def tokens_per_step(cfg):
 
 
 def passkey_learned(run):
-    """--passkey_stop: two evaluations have passed since passkey accuracy first reached it."""
+    """--passkey_stop: two evaluations have passed since passkey accuracy first reached it (a run resumed
+    without --passkey_stop goes on to max_iters)."""
     reached = run.passkey_reached
-    return reached is not None and run.iter_num >= reached + 2 * run.cfg.eval_interval
+    if not run.cfg.passkey_stop or reached is None:
+        return False
+    return run.iter_num >= reached + 2 * run.cfg.eval_interval
 
 
 def lr_at(it, cfg):

@@ -192,3 +192,6 @@ def test_passkey_stop_ends_two_evaluations_after_the_accuracy_is_reached(tmp_pat
     assert any("passkey reached 0.9 at step 4" in line for line in lines)
     summary, _ = train_micro(tmp_path / "out", data_dir, *base, "--resume")
     assert summary["iters"] == 8
+    base[-1] = "--passkey_stop=0"  # resumed without it, the run goes on to max_iters as scheduled
+    summary, _ = train_micro(tmp_path / "out", data_dir, *base, "--resume")
+    assert summary["iters"] == 20
