@@ -165,8 +165,8 @@ def bench_train(args, device, dtype, log):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            r, status = guarded(lambda: measure(step, device, args.warmup + (3 if compiled else 0),
-                                                args.train_repeats))
+            warmup = args.warmup + (3 if compiled else 0)
+            r, status = guarded(lambda: measure(step, device, warmup, args.train_repeats))
             row = dict(attention=att, compiled=compiled, batch=batch, block_size=over["block_size"],
                        n_layer=over["n_layer"], n_embd=over["n_embd"], status=status)
             if r:

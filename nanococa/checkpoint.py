@@ -105,7 +105,6 @@ def restore(cfg, device, log=print):
     out_dir/ckpt.pt, started from --init_from's weights (a nanococa checkpoint, whose attention may change,
     or a pretrained Hugging Face model, converted), or fresh. Every check on a checkpoint comes first."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start = Start(None, None, None)
     if cfg.resume:
         ckpt = load(path)
         drop_in = "hf" in ckpt
@@ -118,8 +117,8 @@ def restore(cfg, device, log=print):
         if drop_in:
             model, tok = model_from(ckpt, path)
         else:  # this run's config, which may change dropout and attn_impl
-            model, tok = build_model(GPTConfig(**cfg.model_args()), ckpt["model"],
-                                     path), get_tokenizer(cfg.tokenizer)
+            model = build_model(GPTConfig(**cfg.model_args()), ckpt["model"], path)
+            tok = get_tokenizer(cfg.tokenizer)
         start = Start(model, None, tok, ckpt["iter"], ckpt["rng"], ckpt.get("init_from"),
                       ckpt.get("data_fingerprint"), ckpt.get("passkey_reached"))
     elif cfg.hf_source:

@@ -117,8 +117,8 @@ def test_eval_length_script_writes_documented_json_and_csv(tmp_path, split):
         assert r["perplexity"] == pytest.approx(math.exp(sum(r["unit_nll"]) / 3))
     # passkey cells: trials per depth bucket add up, hits within them, one answer-token NLL per answer token
     for r in (r for r in res["results"] if r["passkey_accuracy"] is not None):
-        assert sum(r["passkey_depth_trials"]) == 10 and all(h <= t for h, t in zip(r["passkey_depth_hits"],
-                                                                                   r["passkey_depth_trials"]))
+        assert sum(r["passkey_depth_trials"]) == 10
+        assert all(h <= t for h, t in zip(r["passkey_depth_hits"], r["passkey_depth_trials"]))
         assert sum(r["passkey_depth_hits"]) == round(r["passkey_accuracy"] * 10)
         assert len(r["passkey_answer_nll"]) == 6
         assert r["passkey_lo"] <= r["passkey_accuracy"] <= r["passkey_hi"]
