@@ -300,12 +300,13 @@ def log_progress(run, loss, lr, dt, peak):
     """The progress line and its log record: loss, learning rate, speed, MFU (on a GPU we know), time left."""
     cfg = run.cfg
     mfu = run.raw_model.estimate_mfu(tokens_per_step(cfg), dt, peak) if peak else None
+    tps = tokens_per_step(cfg) / dt
     run.log(f"iter {run.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} "
-            f"ms/step | {tokens_per_step(cfg) / dt / 1000:.1f}k tok/s"
+            f"ms/step | " + (f"{tps / 1000:.1f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s")
             + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
             + f" | eta {fmt_time((cfg.max_iters - run.iter_num) * dt)}")
-    record(run, event="train", iter=run.iter_num, loss=loss, lr=lr, ms_per_step=dt * 1000,
-           tokens_per_s=tokens_per_step(cfg) / dt, mfu=mfu)
+    record(run, event="train", iter=run.iter_num, loss=loss, lr=lr, ms_per_step=dt * 1000, tokens_per_s=tps,
+           mfu=mfu)
 
 
 def evaluate_and_save(run):
