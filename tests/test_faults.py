@@ -604,6 +604,7 @@ def test_misleading_lines_now_say_what_is_meant(tmp_path, data_dir):
 
 # 13. round four: the passkey minimum, logs and locks, damaged results, what a checkpoint may make us read
 
+@pytest.mark.slow
 def test_gpt2_passkey_training_at_the_shortest_block_never_dies(tmp_path, data_dir):
     """GPT-2 keys take 1-3 tokens: with the minimum over every key, rows of exactly that length always build
     (before: a random step died with "shorter than its fixed text")."""

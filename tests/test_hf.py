@@ -201,6 +201,7 @@ def test_a_drop_in_trains_through_train_py_resumes_exactly_and_loads_alone(sourc
     torch.testing.assert_close(logits, trained(x).logits, rtol=1e-5, atol=1e-5)  # the model, and HF's forward
 
 
+@pytest.mark.slow
 def test_eval_length_measures_a_drop_in_and_init_from_converts_it_again(source, tmp_path, data_dir):
     hf_train(tmp_path / "coca", data_dir, f"--init_from=hf:{source}", "--max_iters=2", "--eval_interval=2")
     _, lines = hf_train(tmp_path / "rope", data_dir, f"--init_from={tmp_path / 'coca'}", "--attention=rope",
