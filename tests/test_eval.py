@@ -149,8 +149,12 @@ def test_curves_plot_reads_training_logs(tmp_path):
     (empty / "log.jsonl").write_text(json.dumps(records[0]) + "\n")
     code, _, err = run_main("nanococa.report", "curves", empty, f"--out-dir={tmp_path / 'res2'}")
     assert code == 2 and "--eval_lengths" in err
-    code, _, err = run_main("nanococa.report", "curves", run, f"--out-dir={tmp_path / 'res'}")
+    earlier = tmp_path / "res3" / "curves.png"  # written by hand: without matplotlib no plot is made above
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier plot")
+    code, _, err = run_main("nanococa.report", "curves", run, f"--out-dir={earlier.parent}")
     assert code == 2 and "curves.png" in err and "--overwrite" in err  # an earlier plot is kept unless asked
+    assert earlier.read_bytes() == b"an earlier plot"
 
 
 def test_checkpoints_with_different_tokenizers_are_refused(tmp_path):
