@@ -516,6 +516,12 @@ def runs_report(run_dirs, out_dir, threshold, by, log):
     """The seeded-runs tables on stdout, runs.csv, runs.json (with every pairwise exact test) and
     digits.png (passkey accuracy and the loss of each answer token against training step, per arm)."""
     runs = [read_run(d) for d in run_dirs]
+    seen = {}
+    for r in runs:  # a run named twice (a glob like coca-s* also matches coca-signed-s*) would inflate n
+        other = seen.setdefault((r["arm"], r["seed"]), r["run"])
+        if other != r["run"] or sum(x["run"] == r["run"] for x in runs) > 1:
+            raise UserError(f"runs: {other} and {r['run']} are the same arm and seed ({r['arm']}, seed "
+                            f"{r['seed']}); give each run once")
     arms = summarize_runs(runs, threshold, by)
     print(f"\nRuns: the first evaluation at which passkey accuracy reached {threshold} (crossing), "
           "the last validation loss\n")

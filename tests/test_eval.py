@@ -335,3 +335,10 @@ def test_runs_report_counts_who_learned_by_when_and_tests_the_arms(tmp_path):
     (test,) = doc["tests"]
     assert test["table"] == [[2, 0], [0, 2]] and abs(test["p"] - 1 / 3) < 1e-12
     assert "| rope | 2 / 2 | 1,000, 1,500 |" in out and "not by 2,000" in out
+    code, _, err = run_main("nanococa.report", "runs", *runs, runs[2], f"--out_dir={tmp_path / 'rep2'}")
+    assert code == 2 and "give each run once" in err  # a run named twice would count twice
+    (tmp_path / "c1-copy").mkdir()
+    (tmp_path / "c1-copy" / "log.jsonl").write_text((runs[2] / "log.jsonl").read_text())
+    code, _, err = run_main("nanococa.report", "runs", *runs, tmp_path / "c1-copy",
+                            f"--out_dir={tmp_path / 'rep3'}")
+    assert code == 2 and "same arm and seed (coca, seed 1)" in err
