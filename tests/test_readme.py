@@ -33,7 +33,9 @@ def cells(line):
 
 
 def fmt(value, lo, hi):
-    return "" if value in ("", None) else f"{float(value):.2f}" + (f" ({float(lo):.2f}-{float(hi):.2f})" if lo else "")
+    if value in ("", None):
+        return ""
+    return f"{float(value):.2f}" + (f" ({float(lo):.2f}-{float(hi):.2f})" if lo else "")
 
 
 def check_results_table(spec, table):
