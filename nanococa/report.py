@@ -518,10 +518,10 @@ def runs_report(run_dirs, out_dir, threshold, by, log):
     runs = [read_run(d) for d in run_dirs]
     seen = {}
     for r in runs:  # a run named twice (a glob like coca-s* also matches coca-signed-s*) would inflate n
-        other = seen.setdefault((r["arm"], r["seed"]), r["run"])
-        if other != r["run"] or sum(x["run"] == r["run"] for x in runs) > 1:
-            raise UserError(f"runs: {other} and {r['run']} are the same arm and seed ({r['arm']}, seed "
-                            f"{r['seed']}); give each run once")
+        other = seen.setdefault((r["arm"], r["seed"]), r)
+        if other is not r:
+            raise UserError(f"runs: {other['run']} and {r['run']} are the same arm and seed "
+                            f"({r['arm']}, seed {r['seed']}); give each run once")
     arms = summarize_runs(runs, threshold, by)
     print(f"\nRuns: the first evaluation at which passkey accuracy reached {threshold} (crossing), "
           "the last validation loss\n")
