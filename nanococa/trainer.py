@@ -299,8 +299,9 @@ class FirstNonFiniteLoss:
 def log_progress(run, loss, lr, dt, peak):
     """The progress line and its log record: loss, learning rate, speed, MFU (on a GPU we know), time left."""
     cfg = run.cfg
-    mfu = run.raw_model.estimate_mfu(tokens_per_step(cfg), dt, peak) if peak else None
-    tps = tokens_per_step(cfg) / dt
+    tokens = tokens_per_step(cfg)
+    mfu = run.raw_model.estimate_mfu(tokens, dt, peak) if peak else None
+    tps = tokens / dt
     run.log(f"iter {run.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} "
             f"ms/step | " + (f"{tps / 1000:.1f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s")
             + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
