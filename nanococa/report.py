@@ -482,6 +482,7 @@ def read_run(run_dir):
         label += f", {config['n_head']} heads"
     return dict(run=str(run_dir).rstrip("/"), arm=label, seed=config.get("seed"),
                 max_iters=config.get("max_iters"),
+                schedule=config.get("lr_decay_iters") or config.get("max_iters"),
                 evals=sorted(evals), steps=evals[-1][0] if not ends else ends[-1].get("iters"),
                 seconds=sum(r.get("seconds") or 0 for r in ends), config=config)
 
@@ -516,6 +517,12 @@ def runs_report(run_dirs, out_dir, threshold, by, log):
     """The seeded-runs tables on stdout, runs.csv, runs.json (with every pairwise exact test) and
     digits.png (passkey accuracy and the loss of each answer token against training step, per arm)."""
     runs = [read_run(d) for d in run_dirs]
+    schedules = {}  # one method run with two schedules (6,000 and 12,000 steps) is two arms, not one
+    for r in runs:
+        schedules.setdefault(r["arm"], set()).add(r["schedule"])
+    for r in runs:
+        if len(schedules[r["arm"]]) > 1:
+            r["arm"] += f", {r['schedule']:,}-step schedule"
     seen = {}
     for r in runs:  # a run named twice (a glob like coca-s* also matches coca-signed-s*) would inflate n
         other = seen.setdefault((r["arm"], r["seed"]), r)

@@ -317,10 +317,11 @@ def test_fisher_exact_matches_the_hypergeometric_tables():
 
 
 def test_runs_report_counts_who_learned_by_when_and_tests_the_arms(tmp_path):
-    def fake_run(name, attention, seed, accuracies):
+    def fake_run(name, attention, seed, accuracies, max_iters=2000):
         folder = tmp_path / name
         folder.mkdir()
-        records = [{"event": "start", "config": {"attention": attention, "seed": seed, "max_iters": 2000}}]
+        config = {"attention": attention, "seed": seed, "max_iters": max_iters}
+        records = [{"event": "start", "config": config}]
         records += [{"event": "eval", "iter": 500 * (i + 1), "val_loss": 1.5 - 0.1 * i, "passkey": a,
                      "passkey_answer_nll": [0.0] + [2.3 * (1 - a)] * 5} for i, a in enumerate(accuracies)]
         (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -342,3 +343,11 @@ def test_runs_report_counts_who_learned_by_when_and_tests_the_arms(tmp_path):
     code, _, err = run_main("nanococa.report", "runs", *runs, tmp_path / "c1-copy",
                             f"--out_dir={tmp_path / 'rep3'}")
     assert code == 2 and "same arm and seed (coca, seed 1)" in err
+    longer = fake_run("c1-long", "coca", 1, [0, 0, 0, 0.9], max_iters=4000)  # same seed, twice the schedule
+    code, out, err = run_main("nanococa.report", "runs", *runs, longer, "--by=1500",
+                              f"--out_dir={tmp_path / 'rep4'}")
+    assert code == 0, err
+    arms = {r["run"]: r["arm"] for r in json.load(open(tmp_path / "rep4" / "runs.json"))["runs"]}
+    assert arms[str(longer)] == "coca, 4,000-step schedule"
+    assert arms[str(runs[2])] == "coca, 2,000-step schedule"
+    assert arms[str(runs[0])] == "rope" and "| coca, 4,000-step schedule | 0 / 1 | 2,000 |" in out
