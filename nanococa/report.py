@@ -4,12 +4,17 @@ over results already written:
 
     python -m nanococa.report merge eval-rope eval-coca --out_dir results/passkey-cpu   # one table of several
     python -m nanococa.report curves out-pk-rope out-pk-coca --out_dir results/passkey-cpu   # against step
+    python -m nanococa.report runs rope-s* coca-s[0-9]* --out_dir results/ladder-cpu   # seeded passkey runs
+    python -m nanococa.report seeds results/ladder-cpu --out_dir results/ladder-cpu   # arms over their seeds
 
 merge joins evaluations of one plan (corpus, protocol, windows, lengths; eval_length.py run side by side),
 checking every file it reads; curves plots what runs logged at each evaluation (--eval_lengths,
---passkey_mix). Plotting needs the optional matplotlib; training never imports this module."""
+--passkey_mix); runs says when each seeded run learned passkey retrieval, k of n per arm, with exact
+tests; seeds compares the arms' perplexity over their seeds (the grid merged into the same folder).
+Plotting needs the optional matplotlib; training never imports this module."""
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -576,6 +581,64 @@ def runs_report(run_dirs, out_dir, threshold, by, log):
     return doc
 
 
+def rank_sum_exact(xs, ys):
+    """Two-sided p of the exact Wilcoxon-Mann-Whitney test (ties take their mean rank): the share of the
+    ways to split the pooled values into groups of len(xs) and len(ys) whose rank sum is at least as far
+    from its mean as the one observed. For seeds: 4 against 4 fully separated gives 2/70."""
+    pooled = sorted(xs + ys)
+    rank = {v: (pooled.index(v) + 1 + len(pooled) - pooled[::-1].index(v)) / 2 for v in pooled}
+    ranks = [rank[v] for v in xs + ys]
+    mean = len(xs) * (len(pooled) + 1) / 2
+    observed = abs(sum(ranks[:len(xs)]) - mean)
+    splits = list(itertools.combinations(ranks, len(xs)))
+    return sum(abs(sum(c) - mean) >= observed - 1e-9 for c in splits) / len(splits)
+
+
+def seeds_report(folder, scaling, out_dir, log):
+    """Per length, each arm's perplexity over its seeds (folder's runs.json names the arms, its results.json
+    the grid) and the exact rank-sum test between each pair of arms, on stdout and as seeds.json."""
+    try:
+        with open(os.path.join(folder, "runs.json")) as f:
+            arm_of = {os.path.basename(r["run"]): (r["arm"], r["seed"]) for r in json.load(f)["runs"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"seeds: cannot read {folder}/runs.json (write it with `report runs`): {e}") from None
+    rows = [r for r in read_results(folder)["results"]
+            if r["scaling"] == scaling and r["checkpoint"] in arm_of]
+    if not rows:
+        raise UserError(f"seeds: {folder}/results.json has no {scaling!r} rows of the runs in its runs.json")
+    out = []
+    for length in sorted({r["length"] for r in rows}):
+        arms = {}
+        for r in sorted(rows, key=lambda r: list(arm_of).index(r["checkpoint"])):
+            if r["length"] == length:
+                arm, seed = arm_of[r["checkpoint"]]
+                arms.setdefault(arm, {"seeds": [], "perplexity": []})
+                arms[arm]["seeds"].append(seed)
+                arms[arm]["perplexity"].append(r["perplexity"])
+        names = list(arms)
+        tests = [dict(arms=[x, y], p=rank_sum_exact(arms[x]["perplexity"], arms[y]["perplexity"]))
+                 for i, x in enumerate(names) for y in names[i + 1:]]
+        out.append(dict(length=length, arms=arms, tests=tests))
+    print(f"\nPerplexity per byte, scaling {scaling}, each seed (in runs.json's order)\n")
+    names = list(dict.fromkeys(a for a, _ in arm_of.values()))
+    print("| length | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for entry in out:
+        cells = [", ".join(f"{v:.2f}" for v in entry["arms"].get(a, {}).get("perplexity", [])) or "-"
+                 for a in names]
+        print(f"| {entry['length']:,} | " + " | ".join(cells) + " |")
+    print("\nExact rank-sum test (two-sided) between the arms' seeds, each length and pair\n")
+    print("| length | arms | n | p |\n|---|---|---|---|")
+    for entry in out:
+        for t in entry["tests"]:
+            x, y = t["arms"]
+            n = f"{len(entry['arms'][x]['seeds'])} vs {len(entry['arms'][y]['seeds'])}"
+            print(f"| {entry['length']:,} | {x} vs {y} | {n} | {t['p']:.3g} |")
+    doc = dict(scaling=scaling, test="exact Wilcoxon-Mann-Whitney, two-sided", lengths=out)
+    atomic_write(os.path.join(out_dir, "seeds.json"), lambda f: f.write(json.dumps(doc, indent=1)), mode="w",
+                 what="seeds report")
+    return doc
+
+
 def plot_digit_losses(arms, path, log=print):
     """Per arm, two panels: passkey accuracy against step (one line per seed), and the loss of each answer
     token (mean over the arm's seeds; token 0 is the space before the key) against chance, ln 10."""
@@ -621,7 +684,11 @@ def main(argv):
     r.add_argument("folders", nargs="+", metavar="RUN_DIR")
     r.add_argument("--threshold", type=float, default=0.9, help="passkey accuracy that counts as learned")
     r.add_argument("--by", type=int, default=6000, help="learned by this step")
-    for q in (m, c, r):
+    d = sub.add_parser("seeds",
+                       help="each arm's perplexity over its seeds, with exact rank tests between arms")
+    d.add_argument("folder", metavar="REPORT_DIR", help="a folder holding runs.json and merged results.json")
+    d.add_argument("--scaling", default="none", help="the scaling whose rows to compare")
+    for q in (m, c, r, d):
         q.add_argument("--out_dir", default="report_out")
         q.add_argument("--overwrite", action="store_true", help="replace a report already in --out_dir")
     args = p.parse_args(argv)
@@ -635,6 +702,9 @@ def main(argv):
         if args.command == "runs":
             check_no_results(args.out_dir, ["runs.json", "runs.csv", "digits.png"], args.overwrite)
             return runs_report(args.folders, args.out_dir, args.threshold, args.by, log)
+        if args.command == "seeds":
+            check_no_results(args.out_dir, ["seeds.json"], args.overwrite)
+            return seeds_report(args.folder, args.scaling, args.out_dir, log)
         check_no_results(args.out_dir, ["curves.png"], args.overwrite)
         return curves(args.folders, args.out_dir, log)
 

@@ -316,6 +316,42 @@ def test_fisher_exact_matches_the_hypergeometric_tables():
     assert abs(fisher_exact(2, 2, 2, 2) - 1.0) < 1e-12
 
 
+def test_rank_sum_exact_matches_the_permutation_counts():
+    from nanococa.report import rank_sum_exact
+    # fully separated: 2 of the C(8, 4) = 70 splits are as extreme; 3 against 3: 2 of 20
+    assert abs(rank_sum_exact([1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]) - 2 / 70) < 1e-12
+    assert abs(rank_sum_exact([9.0, 8.0, 7.0], [1.0, 2.0, 3.0]) - 0.1) < 1e-12
+    # one overlap, 4 against 3: rank sum 11 of mean 16; 2 splits at 11 or below, 2 at 21 or above, of 35
+    assert abs(rank_sum_exact([1.0, 2.0, 3.0, 5.0], [4.0, 6.0, 7.0]) - 4 / 35) < 1e-12
+    assert rank_sum_exact([1.0, 2.0], [1.0, 2.0]) == 1.0  # ties: mean ranks, nothing to separate
+
+
+def test_seeds_report_groups_the_grid_by_arm_and_tests_each_pair(tmp_path):
+    runs = [{"run": f"runs/{a}-s{s}", "arm": a, "seed": s} for a in ("rope", "coca") for s in (1, 2, 3)]
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": runs}))
+    ppl = {"rope": [30.0, 31.0, 29.0], "coca": [14.0, 19.0, 17.0]}
+    rows = [{"checkpoint": f"{a}-s{s}", "attention": a, "scaling": sc, "length": n,
+             "perplexity": ppl[a][i] * (1 if n == 4096 else 0.1) + (1 if sc == "logn" else 0)}
+            for a in ppl for i, s in enumerate((1, 2, 3)) for n in (512, 4096) for sc in ("none", "logn")]
+    rows.append({"checkpoint": "other", "attention": "alibi", "scaling": "none", "length": 512,
+                 "perplexity": 9.0})
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "results": rows}))
+    code, out, err = run_main("nanococa.report", "seeds", tmp_path, f"--out_dir={tmp_path / 'rep'}")
+    assert code == 0, err
+    doc = json.load(open(tmp_path / "rep" / "seeds.json"))
+    (short, long) = doc["lengths"]
+    assert long["length"] == 4096
+    assert long["arms"]["coca"] == {"seeds": [1, 2, 3], "perplexity": [14.0, 19.0, 17.0]}
+    assert long["tests"] == [{"arms": ["rope", "coca"], "p": 0.1}] and "other" not in json.dumps(doc)
+    assert "| 4,096 | 30.00, 31.00, 29.00 | 14.00, 19.00, 17.00 |" in out
+    assert "| 4,096 | rope vs coca | 3 vs 3 | 0.1 |" in out
+    code, _, err = run_main("nanococa.report", "seeds", tmp_path, "--scaling=yarn",
+                            f"--out_dir={tmp_path / 'rep2'}")
+    assert code == 2
+    assert err.strip() == (f"error: seeds: {tmp_path}/results.json has no 'yarn' rows of the runs in its "
+                           "runs.json")
+
+
 def test_runs_report_counts_who_learned_by_when_and_tests_the_arms(tmp_path):
     def fake_run(name, attention, seed, accuracies, max_iters=2000):
         folder = tmp_path / name
