@@ -585,16 +585,15 @@ def rank_sum_exact(xs, ys):
     """Two-sided p of the exact Wilcoxon-Mann-Whitney test (ties take their mean rank): the share of the
     ways to split the pooled values into groups of len(xs) and len(ys) whose rank sum is at least as far
     from its mean as the one observed. For seeds: 4 against 4 fully separated gives 2/70."""
-    pooled = sorted(xs + ys)
-    rank = {v: (pooled.index(v) + 1 + len(pooled) - pooled[::-1].index(v)) / 2 for v in pooled}
-    ranks = [rank[v] for v in xs + ys]
+    pooled = xs + ys
+    ranks = [sum(u < v for u in pooled) + (pooled.count(v) + 1) / 2 for v in pooled]
     mean = len(xs) * (len(pooled) + 1) / 2
     observed = abs(sum(ranks[:len(xs)]) - mean)
     splits = list(itertools.combinations(ranks, len(xs)))
     return sum(abs(sum(c) - mean) >= observed - 1e-9 for c in splits) / len(splits)
 
 
-def seeds_report(folder, scaling, out_dir, log):
+def seeds_report(folder, scaling, out_dir):
     """Per length, each arm's perplexity over its seeds (folder's runs.json names the arms, its results.json
     the grid) and the exact rank-sum test between each pair of arms, on stdout and as seeds.json."""
     try:
@@ -606,19 +605,17 @@ def seeds_report(folder, scaling, out_dir, log):
             if r["scaling"] == scaling and r["checkpoint"] in arm_of]
     if not rows:
         raise UserError(f"seeds: {folder}/results.json has no {scaling!r} rows of the runs in its runs.json")
-    out = []
-    for length in sorted({r["length"] for r in rows}):
-        arms = {}
-        for r in sorted(rows, key=lambda r: list(arm_of).index(r["checkpoint"])):
-            if r["length"] == length:
-                arm, seed = arm_of[r["checkpoint"]]
-                arms.setdefault(arm, {"seeds": [], "perplexity": []})
-                arms[arm]["seeds"].append(seed)
-                arms[arm]["perplexity"].append(r["perplexity"])
-        names = list(arms)
-        tests = [dict(arms=[x, y], p=rank_sum_exact(arms[x]["perplexity"], arms[y]["perplexity"]))
-                 for i, x in enumerate(names) for y in names[i + 1:]]
-        out.append(dict(length=length, arms=arms, tests=tests))
+    order = {name: i for i, name in enumerate(arm_of)}
+    by_length = {}
+    for r in sorted(rows, key=lambda r: (r["length"], order[r["checkpoint"]])):
+        arm, seed = arm_of[r["checkpoint"]]
+        entry = by_length.setdefault(r["length"], {}).setdefault(arm, {"seeds": [], "perplexity": []})
+        entry["seeds"].append(seed)
+        entry["perplexity"].append(r["perplexity"])
+    out = [dict(length=length, arms=arms,
+                tests=[dict(arms=[x, y], p=rank_sum_exact(arms[x]["perplexity"], arms[y]["perplexity"]))
+                       for x, y in itertools.combinations(arms, 2)])
+           for length, arms in by_length.items()]
     print(f"\nPerplexity per byte, scaling {scaling}, each seed (in runs.json's order)\n")
     names = list(dict.fromkeys(a for a, _ in arm_of.values()))
     print("| length | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
@@ -704,7 +701,7 @@ def main(argv):
             return runs_report(args.folders, args.out_dir, args.threshold, args.by, log)
         if args.command == "seeds":
             check_no_results(args.out_dir, ["seeds.json"], args.overwrite)
-            return seeds_report(args.folder, args.scaling, args.out_dir, log)
+            return seeds_report(args.folder, args.scaling, args.out_dir)
         check_no_results(args.out_dir, ["curves.png"], args.overwrite)
         return curves(args.folders, args.out_dir, log)
 
