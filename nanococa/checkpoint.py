@@ -98,6 +98,7 @@ class Start:
     source: Optional[dict] = None  # --init_from: where the weights came from
     fingerprint: Optional[str] = None  # --resume: the data the checkpoint trained on
     passkey_reached: Optional[int] = None  # --resume: the step at which --passkey_stop was reached
+    seconds: float = 0.0  # --resume: the run's wall time up to its checkpoint (0 for checkpoints without it)
 
 
 def restore(cfg, device, log=print):
@@ -120,7 +121,7 @@ def restore(cfg, device, log=print):
             model = build_model(GPTConfig(**cfg.model_args()), ckpt["model"], path)
             tok = get_tokenizer(cfg.tokenizer)
         start = Start(model, None, tok, ckpt["iter"], ckpt["rng"], ckpt.get("init_from"),
-                      ckpt.get("data_fingerprint"), ckpt.get("passkey_reached"))
+                      ckpt.get("data_fingerprint"), ckpt.get("passkey_reached"), ckpt.get("seconds") or 0.0)
     elif cfg.hf_source:
         from . import hf
         model, tok = hf.from_pretrained(cfg.hf_source, cfg.attention, cfg.block_size, log)
@@ -147,7 +148,7 @@ def restore(cfg, device, log=print):
 
 def save_training(path, model, optimizer, main=True, **state):
     """Write a training checkpoint (state: train_config, tokenizer, iter, val_loss, rng, init_from,
-    data_fingerprint, passkey_reached), atomically, on the main process. The weights are checked first
+    data_fingerprint, passkey_reached, seconds), atomically, on the main process. The weights are checked first
     (on every process), so a model that is not finite never replaces the last good checkpoint."""
     if not weights_finite(model):
         raise UserError(f"step {state['iter']}: the weights are not finite; {what_remains(path)} (try a "

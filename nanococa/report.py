@@ -489,7 +489,8 @@ def read_run(run_dir):
                 max_iters=config.get("max_iters"),
                 schedule=config.get("lr_decay_iters") or config.get("max_iters"),
                 evals=sorted(evals), steps=evals[-1][0] if not ends else ends[-1].get("iters"),
-                seconds=sum(r.get("seconds") or 0 for r in ends), config=config)
+                seconds=ends[-1]["run_seconds"] if ends and "run_seconds" in ends[-1] else
+                sum(r.get("seconds") or 0 for r in ends), config=config)  # older logs: each part's own
 
 
 def fisher_exact(a, b, c, d):

@@ -145,6 +145,7 @@ class Run:
     passkey_reached: Optional[int]  # the first evaluation at which passkey accuracy reached --passkey_stop
     log: Callable  # prints a line (on the main process only)
     log_file: object  # log.jsonl, open for appending (main process only)
+    clock: float = 0.0  # time.time() less the seconds trained before a --resume: the run's own clock
 
     @property
     def ckpt_path(self):
@@ -199,7 +200,8 @@ def start_run(cfg, place, log):
         log_file = open_new_or_own(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w")
     run = Run(cfg, place, tok, start.model, model, start.optimizer,
               torch.amp.GradScaler(place.device_type, enabled=place.dtype == "float16"), splits, windows,
-              batch_gen, start.iter, start.source, fingerprint, start.passkey_reached, log, log_file)
+              batch_gen, start.iter, start.source, fingerprint, start.passkey_reached, log, log_file,
+              time.time() - start.seconds)
     described = getattr(start.model, "description", None) or (
         f"{method_name(cfg.attention, cfg.attn_scale)}, {cfg.n_layer} layers x {cfg.n_embd}")
     log(f"model: {described}, {start.model.num_params() / 1e6:.2f}M parameters, context {cfg.block_size}; "
@@ -373,7 +375,8 @@ def save_checkpoint(run, val_loss):
     checkpoint.save_training(run.ckpt_path, run.raw_model, run.optimizer, run.place.main,
                              train_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.name,
                              iter=run.iter_num, val_loss=val_loss, rng=rng, init_from=run.source,
-                             data_fingerprint=run.fingerprint, passkey_reached=run.passkey_reached)
+                             data_fingerprint=run.fingerprint, passkey_reached=run.passkey_reached,
+                             seconds=time.time() - run.clock)
 
 
 def gather(run, obj):
@@ -398,7 +401,8 @@ def record(run, **kw):
 
 def finish(run, val_loss, seconds, first_iter=0):
     """The end: DDP ranks agree (or it is an error), the last record and line; returns the summary."""
-    summary = dict(iters=run.iter_num, val_loss=val_loss, seconds=seconds, out_dir=run.cfg.out_dir)
+    summary = dict(iters=run.iter_num, val_loss=val_loss, seconds=seconds, run_seconds=time.time() - run.clock,
+                   out_dir=run.cfg.out_dir)  # seconds: this process; run_seconds: every part since step 0
     if run.place.ddp:
         prints = gather(run, weights_fingerprint(run.raw_model))
         summary["rank_fingerprints"] = prints

@@ -352,6 +352,18 @@ def test_seeds_report_groups_the_grid_by_arm_and_tests_each_pair(tmp_path):
                            "runs.json")
 
 
+def test_a_resumed_runs_seconds_are_its_run_seconds_or_else_the_sum_of_its_parts(tmp_path):
+    part = [{"event": "start", "config": {"attention": "rope", "seed": 1}},
+            {"event": "eval", "iter": 500, "passkey": 0.5}]
+    now = part + [{"event": "end", "iters": 500, "seconds": 10.0, "run_seconds": 10.0}] + part + [
+        {"event": "end", "iters": 1000, "seconds": 5.0, "run_seconds": 14.5}]
+    older = part + [{"event": "end", "iters": 500, "seconds": 10.0}] + part + [
+        {"event": "end", "iters": 1000, "seconds": 5.0}]
+    for name, records, seconds in (("now", now, 14.5), ("older", older, 15.0)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert report.read_run(str(tmp_path / f"{name}.jsonl"))["seconds"] == seconds
+
+
 def test_runs_report_counts_who_learned_by_when_and_tests_the_arms(tmp_path):
     def fake_run(name, attention, seed, accuracies, max_iters=2000):
         folder = tmp_path / name

@@ -34,6 +34,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, data_dir):
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, data_dir):
     run(tmp_path / "full", data_dir, "--max_iters=12", "--eval_interval=4")
     run(tmp_path / "split", data_dir, "--max_iters=6", "--eval_interval=4")  # stops at step 6
+    before = checkpoint.load(tmp_path / "split")["seconds"]
     run(tmp_path / "split", data_dir, "--max_iters=12", "--eval_interval=4", "--resume")
     full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 13))
@@ -41,6 +42,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, data_dir):
     a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "split")
     assert a["iter"] == b["iter"] == 12
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the run's wall time counts both parts: the first up to its checkpoint, then the resumed one
+    with open(tmp_path / "split" / "log.jsonl") as f:
+        end = [r for r in map(json.loads, f) if r["event"] == "end"][-1]
+    assert 0 < before and before + end["seconds"] <= end["run_seconds"]
+    assert b["seconds"] <= end["run_seconds"] <= b["seconds"] + 5  # the last checkpoint, moments before
 
 
 @pytest.mark.parametrize("extra", [["--attention=alibi"], ["--attn_scale=ssmax"], ["--attention=coca-slack"]])
