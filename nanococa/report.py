@@ -637,9 +637,25 @@ def seeds_report(folder, scaling, out_dir):
     return doc
 
 
+def digit_loss_means(members):
+    """(steps, one list per answer token of its loss averaged over the runs at each step). A run that
+    stopped early (it learned, or ran out of steps) counts with its last evaluation, so the mean does not
+    jump when a run ends."""
+    steps = sorted({e[0] for r in members for e in r["evals"]})
+    tokens = max(len(e[2]) for r in members for e in r["evals"])
+    means = [[] for _ in range(tokens)]
+    for s in steps:
+        latest = [max((e for e in r["evals"] if e[0] <= s), key=lambda e: e[0], default=None) for r in members]
+        for t in range(tokens):
+            vals = [e[2][t] for e in latest if e is not None and len(e[2]) > t]
+            means[t].append(sum(vals) / len(vals) if vals else float("nan"))
+    return steps, means
+
+
 def plot_digit_losses(arms, path, log=print):
     """Per arm, two panels: passkey accuracy against step (one line per seed), and the loss of each answer
-    token (mean over the arm's seeds; token 0 is the space before the key) against chance, ln 10."""
+    token (mean over the arm's seeds, a run that stopped early at its last evaluation; token 0 is the space
+    before the key) against chance, ln 10."""
     plt = pyplot(log)
     if plt is None:
         return False
@@ -650,20 +666,15 @@ def plot_digit_losses(arms, path, log=print):
         for r in members:
             top.plot([e[0] for e in r["evals"]], [e[1] for e in r["evals"]], marker="o", ms=2, lw=1,
                      label=f"seed {r['seed']}")
-        steps = sorted({e[0] for r in members for e in r["evals"]})
-        tokens = max(len(e[2]) for r in members for e in r["evals"])
-        for t in range(tokens):
-            mean = []
-            for s in steps:
-                vals = [e[2][t] for r in members for e in r["evals"] if e[0] == s and len(e[2]) > t]
-                mean.append(sum(vals) / len(vals) if vals else float("nan"))
+        steps, means = digit_loss_means(members)
+        for t, mean in enumerate(means):
             bottom.plot(steps, mean, lw=1.2, label="space" if t == 0 else f"digit {t}")
         bottom.axhline(math.log(10), color="grey", ls=":", lw=1)
         top.set(title=f"{arm} (n={len(members)})", ylim=(-0.05, 1.05))
         bottom.set(xlabel="training step")
         top.legend(fontsize=6)
     axes[0][0].set_ylabel("passkey accuracy at 512")
-    axes[1][0].set_ylabel("answer token loss (nats), mean of seeds")
+    axes[1][0].set_ylabel("answer token loss (nats), mean of seeds\n(a stopped run at its last value)")
     axes[1][-1].legend(fontsize=6)
     fig.tight_layout()
     return save_figure(fig, plt, path)
