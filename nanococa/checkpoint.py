@@ -148,8 +148,8 @@ def restore(cfg, device, log=print):
 
 def save_training(path, model, optimizer, main=True, **state):
     """Write a training checkpoint (state: train_config, tokenizer, iter, val_loss, rng, init_from,
-    data_fingerprint, passkey_reached, seconds), atomically, on the main process. The weights are checked first
-    (on every process), so a model that is not finite never replaces the last good checkpoint."""
+    data_fingerprint, passkey_reached, seconds), atomically, on the main process. The weights are checked
+    first (on every process), so a model that is not finite never replaces the last good checkpoint."""
     if not weights_finite(model):
         raise UserError(f"step {state['iter']}: the weights are not finite; {what_remains(path)} (try a "
                         "lower --learning_rate)")

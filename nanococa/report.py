@@ -645,7 +645,8 @@ def digit_loss_means(members):
     tokens = max(len(e[2]) for r in members for e in r["evals"])
     means = [[] for _ in range(tokens)]
     for s in steps:
-        latest = [max((e for e in r["evals"] if e[0] <= s), key=lambda e: e[0], default=None) for r in members]
+        latest = [max((e for e in r["evals"] if e[0] <= s), key=lambda e: e[0], default=None)
+                  for r in members]
         for t in range(tokens):
             vals = [e[2][t] for e in latest if e is not None and len(e[2]) > t]
             means[t].append(sum(vals) / len(vals) if vals else float("nan"))

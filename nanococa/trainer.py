@@ -401,8 +401,9 @@ def record(run, **kw):
 
 def finish(run, val_loss, seconds, first_iter=0):
     """The end: DDP ranks agree (or it is an error), the last record and line; returns the summary."""
-    summary = dict(iters=run.iter_num, val_loss=val_loss, seconds=seconds, run_seconds=time.time() - run.clock,
-                   out_dir=run.cfg.out_dir)  # seconds: this process; run_seconds: every part since step 0
+    # seconds: this process; run_seconds: every part of the run since step 0 (across --resume)
+    summary = dict(iters=run.iter_num, val_loss=val_loss, seconds=seconds,
+                   run_seconds=time.time() - run.clock, out_dir=run.cfg.out_dir)
     if run.place.ddp:
         prints = gather(run, weights_fingerprint(run.raw_model))
         summary["rank_fingerprints"] = prints

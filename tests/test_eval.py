@@ -366,7 +366,8 @@ def test_a_resumed_runs_seconds_are_its_run_seconds_or_else_the_sum_of_its_parts
 
 def test_digit_loss_means_keep_a_stopped_run_at_its_last_evaluation():
     early = {"evals": [(500, 0.0, [0.0, 2.0], 1.5), (1000, 1.0, [0.0, 0.1], 1.4)]}  # learned, stopped
-    late = {"evals": [(500, 0.0, [0.0, 2.2], 1.5), (1000, 0.0, [0.0, 2.0], 1.4), (1500, 1.0, [0.0, 0.3], 1.3)]}
+    late = {"evals": [(500, 0.0, [0.0, 2.2], 1.5), (1000, 0.0, [0.0, 2.0], 1.4),
+                      (1500, 1.0, [0.0, 0.3], 1.3)]}
     steps, (space, digit) = report.digit_loss_means([early, late])
     assert steps == [500, 1000, 1500] and space == [0.0, 0.0, 0.0]
     assert [round(v, 9) for v in digit] == [2.1, 1.05, 0.2]  # at 1,500 the stopped run counts with 0.1
